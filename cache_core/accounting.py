@@ -1,0 +1,94 @@
+"""Compute and memory accounting, counted from what actually ran.
+
+Per layer, for n recomputed positions attending to N keys (width d, key/value width d_kv, SwiGLU width f):
+    projections 2·n·d·(d + 2·d_kv)  (q, k, v)  +  2·n·d·d  (attention output)  +  2·n·3·d·f  (SwiGLU MLP)
+    attention   4·n·N·d             (scores and weighted sum)
+plus the LM head, 2·n_out·d·vocab, for the positions whose logits the step reads. A full recompute of the same step
+runs every valid position in every layer; the fraction reported is spent / full on the same steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from cache_core.model import ModelConfig
+
+
+def layer_flops(cfg: ModelConfig, n_queries: torch.Tensor | float, n_keys: torch.Tensor | float) -> torch.Tensor | float:
+    d, d_kv, f = cfg.d_model, cfg.d_kv, cfg.mlp_hidden_size
+    projections = 2 * n_queries * d * (d + 2 * d_kv) + 2 * n_queries * d * d + 2 * n_queries * 3 * d * f
+    attention = 4 * n_queries * n_keys * d
+    return projections + attention
+
+
+def head_flops(cfg: ModelConfig, n_out: float) -> float:
+    return 2.0 * n_out * cfg.d_model * cfg.vocab_size
+
+
+def step_flops(cfg: ModelConfig, active_counts: torch.Tensor, n_keys: torch.Tensor, n_out: int) -> float:
+    """FLOPs of a partial forward: active_counts (n_layers, B) positions run per layer, n_keys (B,) valid keys."""
+    per_layer = layer_flops(cfg, active_counts.double(), n_keys.double()[None, :].cpu())
+    return float(per_layer.sum()) + head_flops(cfg, n_out * active_counts.shape[1])
+
+
+def full_step_flops(cfg: ModelConfig, n_keys: torch.Tensor, n_out: int) -> float:
+    """FLOPs a full recompute of the same canvas would spend: every valid position in every layer."""
+    n = n_keys.double().cpu()
+    return float(layer_flops(cfg, n, n).sum()) * cfg.n_layers + head_flops(cfg, n_out * n.numel())
+
+
+@dataclass
+class StepRecord:
+    step: int
+    decoding_block: int
+    flops: float
+    full_flops: float
+    positions_x_layers: int  # sum over layers and rows of recomputed positions
+    cache_bytes: int
+    wall_s: float
+    committed: int  # tokens committed this step, all rows together
+
+
+@dataclass
+class GenerationStats:
+    steps: list[StepRecord] = field(default_factory=list)
+
+    def record(self, step: StepRecord) -> None:
+        self.steps.append(step)
+
+    @property
+    def flops(self) -> float:
+        return sum(s.flops for s in self.steps)
+
+    @property
+    def full_flops(self) -> float:
+        return sum(s.full_flops for s in self.steps)
+
+    @property
+    def flop_fraction(self) -> float:
+        """FLOPs spent / FLOPs a full recompute of the same steps would spend."""
+        return self.flops / self.full_flops if self.full_flops else float("nan")
+
+    @property
+    def wall_s(self) -> float:
+        return sum(s.wall_s for s in self.steps)
+
+    @property
+    def peak_cache_bytes(self) -> int:
+        return max((s.cache_bytes for s in self.steps), default=0)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "steps": len(self.steps),
+            "flops": self.flops,
+            "full_flops": self.full_flops,
+            "flop_fraction": self.flop_fraction,
+            "positions_x_layers": sum(s.positions_x_layers for s in self.steps),
+            "peak_cache_bytes": self.peak_cache_bytes,
+            "wall_s": self.wall_s,
+        }
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "steps": [asdict(s) for s in self.steps]}

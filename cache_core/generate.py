@@ -1,0 +1,46 @@
+"""The one generate loop. The cache policy is a parameter; there is no second copy of this loop per cache mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cache_core.accounting import GenerationStats
+from cache_core.model import LLaDAModel
+from cache_core.policy import ReusePolicy, StepContext, make_policy
+from cache_core.session import DecodingSession
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # (B, gen_length) generated token ids
+    stats: GenerationStats
+    policy: dict[str, Any]
+
+
+def generate(model: LLaDAModel, prompts: list[list[int]] | list[torch.Tensor], gen_length: int, block_length: int,
+             steps: int | None, threshold: float | None = None, temperature: float = 0.0,
+             policy: str | ReusePolicy | None = None, remasking: str = "low_confidence", seed: int | None = None,
+             budget: float | None = None, **policy_knobs: Any) -> GenerationResult:
+    """Generate `gen_length` tokens after each prompt (LLaDA semantics, optional Fast-dLLM threshold decoding).
+
+    prompts: token-id lists, lengths may differ (left-padded). steps: total denoising steps, a multiple of the number
+    of blocks (None with `threshold`). policy: a `ReusePolicy`, a registry name (`full`, `dual_cache`, ...) with its
+    knobs as keyword arguments, or a path to an exported learned policy. budget: the compute budget handed to
+    budget-conditioned learned policies (a FLOP fraction in (0, 1]).
+    """
+    policy = make_policy(policy, **policy_knobs)
+    if budget is not None and not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget={budget} must lie in (0, 1]")
+    session = DecodingSession(
+        model, prompts, gen_length, block_length, steps, threshold=threshold, temperature=temperature,
+        remasking=remasking, seed=seed, trace_attention=policy.uses_features or policy.uses_attention,
+    )
+    policy.reset(session.batch_size)
+    while not session.done:
+        features = session.features(budget) if policy.uses_features else None
+        plan = policy.plan(features, StepContext.of(session, budget))
+        session.step(plan)
+    return GenerationResult(tokens=session.generated.clone(), stats=session.stats, policy=policy.describe())

@@ -1,0 +1,206 @@
+"""Hand-set reuse rules from the literature, each a small `ReusePolicy` with one knob (see shared REFERENCE.md).
+
+Every plan here is a request: the cache always adds the decoding block and never-computed positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cache_core.cache import RefreshPlan
+from cache_core.features import StepFeatures
+from cache_core.policy import ReusePolicy, StepContext
+
+
+class FullRecompute(ReusePolicy):
+    """No cache: every block recomputed in every layer at every step (the reference)."""
+
+    name = "full"
+    uses_features = False
+
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        return RefreshPlan.refresh_all(ctx.batch_size, ctx.n_blocks)
+
+
+class NeverRefresh(ReusePolicy):
+    """The most aggressive cache: only the positions being decoded are computed; everything else keeps the K/V of
+    its first computation."""
+
+    name = "never"
+    uses_features = False
+
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        return RefreshPlan.reuse_all(ctx.batch_size, ctx.n_blocks, ctx.n_layers)
+
+
+class FastDLLMCache(ReusePolicy):
+    """Fast-dLLM (Wu et al. 2025) block-wise approximate KV cache.
+
+    At the first step of every decoding block one full forward refreshes every position in every layer. Later steps:
+    `prefix` mode recomputes the decoding block and the whole suffix (prefix K/V reused); `dual` mode recomputes
+    only the decoding block (prefix and suffix reused). Knob `refresh_interval`: also refresh fully every that many
+    steps inside a block (1 = always = no cache, conservative; None = only at block starts, Fast-dLLM's setting).
+    """
+
+    name = "prefix_cache"
+    mode = "prefix"
+    uses_features = False
+    knob = "refresh_interval"
+    knob_sweep = (2, 4, 8, None)
+
+    def __init__(self, refresh_interval: int | None = None):
+        if refresh_interval is not None and refresh_interval < 1:
+            raise ValueError(f"refresh_interval must be >= 1 or None, got {refresh_interval}")
+        self.refresh_interval = refresh_interval
+
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        periodic = self.refresh_interval is not None and ctx.step_in_block % self.refresh_interval == 0
+        if ctx.step_in_block == 0 or periodic:
+            return RefreshPlan.refresh_all(ctx.batch_size, ctx.n_blocks)
+        if self.mode == "prefix":
+            return RefreshPlan.from_refresh_mask(ctx.block_mask(ctx.decoding_block), ctx.n_layers)
+        return RefreshPlan.reuse_all(ctx.batch_size, ctx.n_blocks, ctx.n_layers)
+
+
+class FastDLLMDualCache(FastDLLMCache):
+    __doc__ = FastDLLMCache.__doc__
+    name = "dual_cache"
+    mode = "dual"
+
+
+class DLLMCache(ReusePolicy):
+    """dLLM-Cache (Liu et al. 2025): interval refresh with value-similarity partial updates.
+
+    The prompt is refreshed every `prompt_interval` (K_p) steps and the response every `response_interval` (K_r)
+    steps. In between, at every layer, the values of all response tokens are recomputed from the layer's current
+    input and compared with the cached ones by cosine similarity; the `rho` fraction least similar tokens get
+    attention and MLP recomputed in that layer. Knob: K_r (larger = more aggressive).
+    """
+
+    name = "dllm_cache"
+    uses_features = False
+    knob = "response_interval"
+    knob_sweep = (2, 4, 8, 16)
+
+    def __init__(self, response_interval: int = 4, prompt_interval: int = 50, rho: float = 0.25):
+        if response_interval < 1 or prompt_interval < 1:
+            raise ValueError("dllm_cache intervals must be >= 1")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"dllm_cache rho must lie in [0, 1], got {rho}")
+        self.response_interval, self.prompt_interval, self.rho = response_interval, prompt_interval, rho
+
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        L = ctx.n_layers
+        prompt = ctx.block_mask(0, ctx.prompt_blocks)
+        response = ~prompt
+        refresh = torch.zeros_like(prompt)
+        if ctx.step % self.prompt_interval == 0:
+            refresh |= prompt
+        if ctx.step % self.response_interval == 0:
+            refresh |= response
+        plan = RefreshPlan.from_refresh_mask(refresh, L)
+        if not bool(refresh[:, ctx.prompt_blocks:].all()) and self.rho > 0:
+            candidates = response.repeat_interleave(ctx.block_length, dim=1) & ctx.session.cache.key_mask.cpu()
+            plan.adaptive = (candidates.to(ctx.session.canvas.device), self.rho)
+        return plan
+
+
+class ElasticCache(ReusePolicy):
+    """Elastic-Cache (Nguyen-Tri et al. 2025): attention-drift test on the most-attended token, depth-aware refresh.
+
+    Per layer, take the key that received the most attention from the decoding queries at the step before last,
+    and the vector of attention it receives from those queries at the last two steps; when their cosine similarity
+    drops below `gamma` at some layer l, refresh every block in the layers deeper than l and reuse the shallow ones
+    (drift grows with depth). A new decoding block starts with a full refresh. Knob: gamma (higher = refresh more
+    often = conservative). The test uses the two previous steps, so it acts one step after the drift appears.
+    """
+
+    name = "elastic_cache"
+    uses_features = False
+    uses_attention = True
+    knob = "gamma"
+    knob_sweep = (0.99, 0.95, 0.9, 0.8, 0.5)
+
+    def __init__(self, gamma: float = 0.9):
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"elastic_cache gamma must lie in [0, 1], got {gamma}")
+        self.gamma = gamma
+        self._previous: torch.Tensor | None = None
+
+    def reset(self, batch_size: int) -> None:
+        self._previous = None
+
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        B, L = ctx.batch_size, ctx.n_layers
+        current = None if ctx.last_trace is None else ctx.last_trace.attention_to_keys  # (L, B, n_out, N)
+        previous, self._previous = self._previous, current
+        if ctx.step_in_block == 0 or current is None or previous is None:
+            return RefreshPlan.refresh_all(B, ctx.n_blocks)
+        most = previous.mean(2).argmax(-1)  # (L, B) most-attended key per layer at the step before last
+        index = most[:, :, None, None].expand(-1, -1, current.shape[2], 1)
+        now, before = current.gather(3, index).squeeze(-1), previous.gather(3, index).squeeze(-1)  # (L, B, n_out)
+        similarity = F.cosine_similarity(now, before, dim=-1)  # (L, B)
+        drifted = similarity < self.gamma
+        # Refresh the layers deeper than the first drifting one; a drift in the last layer refreshes that layer.
+        first = (drifted.float().argmax(0) + 1).clamp(max=L - 1)
+        first = torch.where(drifted.any(0), first, L)
+        return RefreshPlan(first[:, None].expand(B, ctx.n_blocks).clone().long())
+
+
+class ConfidenceRefresh(ReusePolicy):
+    """Entropy/confidence threshold: refresh the blocks the model is unsure about.
+
+    A block is refreshed when the mean confidence of the model's latest predictions at its positions is below
+    `threshold` (signal `confidence`) or the mean normalised entropy above 1 - threshold (signal `entropy`); the
+    prompt (confidence 1) is never refreshed. Knob: threshold (higher = refresh more = conservative).
+    """
+
+    name = "confidence"
+    knob = "threshold"
+    knob_sweep = (0.99, 0.95, 0.9, 0.8, 0.6)
+
+    def __init__(self, threshold: float = 0.9, signal: str = "confidence"):
+        if signal not in ("confidence", "entropy"):
+            raise ValueError(f"confidence policy signal must be 'confidence' or 'entropy', got {signal!r}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"confidence threshold must lie in [0, 1], got {threshold}")
+        self.threshold, self.signal = threshold, signal
+
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        if self.signal == "confidence":
+            refresh = features.column("confidence") < self.threshold
+        else:
+            refresh = features.column("entropy") > 1.0 - self.threshold
+        return RefreshPlan.from_refresh_mask(refresh.cpu(), ctx.n_layers)
+
+
+class DelayedKVCache(ReusePolicy):
+    """dKV-Cache (Ma et al. 2025), delayed variant: a token's K/V is cached only one step after it is decoded, masked
+    tokens are always recomputed, and everything is refreshed every `refresh_interval` steps. Knob: the interval."""
+
+    name = "dkv_cache"
+    uses_features = False
+    knob = "refresh_interval"
+    knob_sweep = (2, 4, 8, 16)
+
+    def __init__(self, refresh_interval: int = 4):
+        if refresh_interval < 1:
+            raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
+        self.refresh_interval = refresh_interval
+
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        B, nb, L = ctx.batch_size, ctx.n_blocks, ctx.n_layers
+        if ctx.step % self.refresh_interval == 0:
+            return RefreshPlan.refresh_all(B, nb)
+        s = ctx.session
+        # Decoded at the previous step = committed since its last computation at layer 0.
+        just_decoded = (s.canvas != s.tokens_at_refresh) & (s.tokens_at_refresh == s.mask_id)
+        masked = s.canvas == s.mask_id
+        return RefreshPlan(torch.full((B, nb), L, dtype=torch.long), refresh_positions=just_decoded | masked)
+
+
+HEURISTICS: tuple[type[ReusePolicy], ...] = (
+    FullRecompute, NeverRefresh, FastDLLMCache, FastDLLMDualCache, DLLMCache, ElasticCache, ConfidenceRefresh,
+    DelayedKVCache,
+)

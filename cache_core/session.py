@@ -1,0 +1,310 @@
+"""One generation, step by step: the loop body shared by `generate()` and the environment.
+
+A `DecodingSession` holds the canvas, the block KV cache and the bookkeeping the features read. Its `step(plan)`
+runs one denoising step (partial forward under the plan, then LLaDA's commit rule) and records the accounting.
+`generate()` drives it with a policy; the environment drives it with an agent's actions. Neither has its own copy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cache_core.accounting import GenerationStats, StepRecord, full_step_flops, step_flops
+from cache_core.cache import BlockKVCache, RefreshPlan
+from cache_core.features import StepFeatures, compute_features
+from cache_core.model import LLaDAModel, PartialForwardTrace
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class StepResult:
+    record: StepRecord
+    committed: torch.Tensor  # (B, N) bool, positions committed this step
+    logits: torch.Tensor  # (B, block_length, vocab) logits of the decoding block
+    start_layer: torch.Tensor  # (B, N) the enforced per-position start layers
+    trace: PartialForwardTrace
+
+
+@dataclass
+class ShadowForward:
+    """A full recompute of the current canvas next to the cache: the oracle's and the reward's reference."""
+
+    logits: torch.Tensor  # (B, block_length, vocab) at the decoding block
+    drift: torch.Tensor  # (B, n_blocks, n_layers) relative K/V drift of the cache from fresh K/V (inf: never computed)
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """LLaDA's sampling trick: exp(logits) / (-log u)^T in float64 (float32 Gumbel noise hurts quality)."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator).to(logits.device)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def transfer_schedule(mask_count: int, steps: int) -> list[int]:
+    """LLaDA's linear schedule: mask_count tokens spread evenly over steps, the remainder to the first steps."""
+    base, remainder = divmod(mask_count, steps)
+    return [base + (1 if i < remainder else 0) for i in range(steps)]
+
+
+class DecodingSession:
+    def __init__(self, model: LLaDAModel, prompts: list[list[int]] | list[torch.Tensor], gen_length: int,
+                 block_length: int, steps: int | None, threshold: float | None = None, temperature: float = 0.0,
+                 remasking: str = "low_confidence", pad_id: int | None = None, seed: int | None = None,
+                 trace_attention: bool = True):
+        cfg = model.config
+        validate_generation_args(prompts, gen_length, block_length, steps, threshold, temperature, remasking)
+        self.model = model
+        self.mask_id = cfg.mask_token_id
+        self.gen_length, self.block_length = gen_length, block_length
+        self.threshold, self.temperature, self.remasking = threshold, temperature, remasking
+        self.trace_attention = trace_attention
+        self.n_generation_blocks = gen_length // block_length
+        self.steps_per_block = None if steps is None else steps // self.n_generation_blocks
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        device = model.device
+
+        lengths = [len(p) for p in prompts]
+        # Left-pad every prompt to one length that is a multiple of the block size: blocks stay whole and the
+        # generation region starts on a block boundary in every row.
+        self.prompt_region = -(-max(lengths) // block_length) * block_length
+        N = self.prompt_region + gen_length
+        if N > cfg.max_sequence_length:
+            raise ValueError(
+                f"prompt ({max(lengths)} tokens, padded to {self.prompt_region}) + gen_length ({gen_length}) = {N} "
+                f"exceeds the model's max_sequence_length={cfg.max_sequence_length}: shorten the prompt or gen_length"
+            )
+        B = len(prompts)
+        pad = cfg.mask_token_id if pad_id is None else pad_id  # padding is masked out of attention; any id works
+        canvas = torch.full((B, N), pad, dtype=torch.long)
+        key_mask = torch.zeros(B, N, dtype=torch.bool)
+        for b, prompt in enumerate(prompts):
+            start = self.prompt_region - lengths[b]
+            canvas[b, start:self.prompt_region] = torch.as_tensor(prompt, dtype=torch.long)
+            key_mask[b, start:] = True
+        canvas[:, self.prompt_region:] = self.mask_id
+        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+        self.canvas = canvas.to(device)
+        self.cache = BlockKVCache(cfg, key_mask.to(device), positions.to(device), block_length, dtype=model.dtype)
+
+        # Bookkeeping the features read; every tensor is (B, N).
+        self.step_index = 0
+        self.step_in_block = 0
+        self.generation_block = 0
+        self.last_refresh_step = torch.full((B, N), -1, dtype=torch.long, device=device)
+        self.tokens_at_refresh = self.canvas.clone()
+        prompt_positions = torch.zeros(B, N, dtype=torch.bool, device=device)
+        prompt_positions[:, : self.prompt_region] = True
+        self.confidence = prompt_positions.float()  # the prompt is certain; unseen positions have no confidence yet
+        self.entropy = torch.zeros(B, N, device=device)
+        self.attention_mass = torch.zeros(B, N)
+        self.previous_attention_mass = torch.zeros(B, N)
+        self.refresh_drift = torch.zeros(B, N, device=device)
+        self.stats = GenerationStats()
+        self.last_trace: PartialForwardTrace | None = None
+        self._schedule = self._block_schedule()
+        self._shadow: ShadowForward | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.canvas.shape[0]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.cache.n_blocks
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.n_layers
+
+    @property
+    def decoding_block(self) -> int:
+        """Cache-block index of the block being decoded."""
+        return self.prompt_region // self.block_length + self.generation_block
+
+    @property
+    def done(self) -> bool:
+        return self.generation_block >= self.n_generation_blocks
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """(B, gen_length) the generation region (mask ids where not yet committed)."""
+        return self.canvas[:, self.prompt_region:]
+
+    def block_positions(self) -> torch.Tensor:
+        """(B, block_length) positions of the decoding block."""
+        s = self.decoding_block * self.block_length
+        return torch.arange(s, s + self.block_length, device=self.canvas.device).expand(self.batch_size, -1)
+
+    def required_positions(self) -> torch.Tensor:
+        required = torch.zeros_like(self.canvas, dtype=torch.bool)
+        required[:, self.cache.block_slice(self.decoding_block)] = True
+        return required
+
+    def features(self, budget: float | None = None) -> StepFeatures:
+        return compute_features(self, budget)
+
+    def shadow_forward(self) -> ShadowForward:
+        """Full recompute of the current canvas (cached per step): fresh logits and the cache's hindsight drift."""
+        if self._shadow is None:
+            with torch.inference_mode():
+                logits, keys, values = self.model(self.canvas, self.cache.key_mask, self.cache.positions, return_kv=True)
+            drift = torch.stack(
+                [torch.maximum(_block_drift(self.cache.keys[l], keys[l], self.cache),
+                               _block_drift(self.cache.values[l], values[l], self.cache))
+                 for l in range(self.n_layers)], dim=-1,
+            )
+            never = ~torch.stack(self.cache.computed, -1).view(self.batch_size, self.n_blocks, self.block_length, -1)
+            valid = self.cache.key_mask.view(self.batch_size, self.n_blocks, self.block_length)[..., None]
+            drift = torch.where((never & valid).any(2), float("inf"), drift)
+            pos = self.block_positions()
+            block_logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+            self._shadow = ShadowForward(block_logits, drift)
+        return self._shadow
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _block_schedule(self) -> list[int] | None:
+        if self.steps_per_block is None:
+            return None
+        return transfer_schedule(self.block_length, self.steps_per_block)
+
+    def step(self, plan: RefreshPlan) -> StepResult:
+        """Run one denoising step of the current decoding block under `plan`."""
+        if self.done:
+            raise RuntimeError("the generation is complete; start a new session")
+        t0 = time.perf_counter()
+        required = self.required_positions()
+        start = self.cache.start_layers(plan, required)
+        positions = self.block_positions()
+        with torch.inference_mode():
+            logits, trace = self.model.forward_partial(self.canvas, self.cache, start, positions,
+                                                       trace_attention=self.trace_attention, adaptive=plan.adaptive)
+        canvas_before = self.canvas.clone()
+        committed = self._commit(logits, positions)
+        self._update_bookkeeping(start, trace, logits, positions, canvas_before)
+        wall = time.perf_counter() - t0
+
+        cfg = self.model.config
+        n_keys = self.cache.key_mask.sum(1)
+        record = StepRecord(
+            step=self.step_index,
+            decoding_block=self.generation_block,
+            flops=step_flops(cfg, trace.active_counts, n_keys, self.block_length) + trace.extra_flops,
+            full_flops=full_step_flops(cfg, n_keys, self.block_length),
+            positions_x_layers=int(trace.active_counts.sum()),
+            cache_bytes=self.cache.nbytes(),
+            wall_s=wall,
+            committed=int(committed.sum()),
+        )
+        self.stats.record(record)
+        self.last_trace = trace
+        self._shadow = None
+        self._advance()
+        return StepResult(record, committed, logits, start, trace)
+
+    def _commit(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """LLaDA's low-confidence remasking, or Fast-dLLM's threshold rule: commit masked tokens of the block."""
+        block_tokens = self.canvas.gather(1, positions)
+        masked = block_tokens == self.mask_id
+        x0 = add_gumbel_noise(logits, self.temperature, self.generator).argmax(-1)
+        if self.remasking == "low_confidence":
+            probs = logits.float().softmax(-1)
+            conf = probs.gather(-1, x0[..., None]).squeeze(-1)
+        else:
+            conf = torch.rand(x0.shape, generator=self.generator).to(x0.device)
+        conf = torch.where(masked, conf, torch.tensor(float("-inf"), device=conf.device))
+        transfer = torch.zeros_like(masked)
+        if self.threshold is None:
+            k = self._schedule[self.step_in_block]
+            for b in range(self.batch_size):
+                n = min(k, int(masked[b].sum()))
+                if n > 0:
+                    transfer[b, conf[b].topk(n).indices] = True
+        else:
+            transfer = masked & (conf >= self.threshold)
+            top = conf.argmax(-1)
+            has_mask = masked.any(-1)
+            transfer[torch.arange(self.batch_size)[has_mask], top[has_mask]] = True  # at least one per step
+        new_tokens = torch.where(transfer, x0, block_tokens)
+        self.canvas.scatter_(1, positions, new_tokens)
+        committed = torch.zeros_like(self.canvas, dtype=torch.bool)
+        committed.scatter_(1, positions, transfer)
+        return committed
+
+    def _update_bookkeeping(self, start: torch.Tensor, trace: PartialForwardTrace, logits: torch.Tensor,
+                            positions: torch.Tensor, canvas_before: torch.Tensor) -> None:
+        refreshed = start == 0
+        self.last_refresh_step = torch.where(refreshed, self.step_index, self.last_refresh_step)
+        # The canvas before this step's commits is what the refreshed K/V were computed from.
+        self.tokens_at_refresh = torch.where(refreshed, canvas_before, self.tokens_at_refresh)
+        probs = logits.float().softmax(-1)
+        block_conf = probs.max(-1).values
+        block_entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1) / torch.log(torch.tensor(float(probs.shape[-1])))
+        # Committed positions keep the confidence they were committed with.
+        open_ = (canvas_before.gather(1, positions) == self.mask_id).float()
+        self.confidence.scatter_(1, positions, open_ * block_conf + (1 - open_) * self.confidence.gather(1, positions))
+        self.entropy.scatter_(1, positions, open_ * block_entropy + (1 - open_) * self.entropy.gather(1, positions))
+        if trace.attention_to_keys is not None:
+            self.previous_attention_mass = self.attention_mass
+            self.attention_mass = trace.attention_to_keys[-1].mean(1)
+        if trace.value_drift is not None:
+            seen = ~torch.isnan(trace.value_drift)
+            self.refresh_drift = torch.where(seen, trace.value_drift, self.refresh_drift)
+
+    def _advance(self) -> None:
+        self.step_index += 1
+        self.step_in_block += 1
+        block_done = not bool((self.canvas[:, self.cache.block_slice(self.decoding_block)] == self.mask_id).any())
+        if block_done:
+            self.generation_block += 1
+            self.step_in_block = 0
+
+
+def _block_drift(cached: torch.Tensor, fresh: torch.Tensor, cache: BlockKVCache) -> torch.Tensor:
+    """||cached - fresh|| / ||fresh|| per block over valid positions: (B, n_blocks). Inputs (B, heads, N, hd)."""
+    B, _, N, _ = fresh.shape
+    valid = cache.key_mask[:, None, :, None].float()
+    diff = ((cached.float() - fresh.float()) * valid).pow(2).sum((1, 3)).view(B, cache.n_blocks, -1).sum(-1)
+    ref = (fresh.float() * valid).pow(2).sum((1, 3)).view(B, cache.n_blocks, -1).sum(-1)
+    return (diff / ref.clamp(min=1e-12)).sqrt()
+
+
+def validate_generation_args(prompts, gen_length: int, block_length: int, steps: int | None,
+                             threshold: float | None, temperature: float, remasking: str) -> None:
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt (a list of token ids)")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if gen_length <= 0 or block_length <= 0:
+        raise ValueError(f"gen_length ({gen_length}) and block_length ({block_length}) must be positive")
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} is not a multiple of block_length={block_length}")
+    n_blocks = gen_length // block_length
+    if threshold is None:
+        if steps is None:
+            raise ValueError("steps is required unless a confidence threshold sets the pace (threshold=...)")
+        if steps <= 0 or steps % n_blocks:
+            raise ValueError(
+                f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks} = gen_length / "
+                "block_length) so that every block gets the same number of steps"
+            )
+        if steps // n_blocks > block_length:
+            raise ValueError(f"steps={steps} gives more steps per block than tokens per block ({block_length})")
+    else:
+        if steps is not None:
+            raise ValueError(
+                "steps and threshold are exclusive: with a threshold each block is decoded until complete "
+                "(Fast-dLLM's parallel decoding); pass steps=None"
+            )
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold={threshold} must lie in (0, 1]")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if remasking not in REMASKING:
+        raise ValueError(f"unknown remasking {remasking!r}; choose one of {REMASKING}")
