@@ -15,8 +15,10 @@ import torch
 
 from cache_core.model import ModelConfig
 
+Count = torch.Tensor | float
 
-def layer_flops(cfg: ModelConfig, n_queries: torch.Tensor | float, n_keys: torch.Tensor | float) -> torch.Tensor | float:
+
+def layer_flops(cfg: ModelConfig, n_queries: Count, n_keys: Count) -> Count:
     d, d_kv, f = cfg.d_model, cfg.d_kv, cfg.mlp_hidden_size
     projections = 2 * n_queries * d * (d + 2 * d_kv) + 2 * n_queries * d * d + 2 * n_queries * 3 * d * f
     attention = 4 * n_queries * n_keys * d

@@ -31,13 +31,13 @@ BLOCK_COLUMNS: tuple[Column, ...] = (
     Column("is_prompt", "1 if the block belongs to the prompt", 0.0, 1.0),
     Column("is_decoding", "1 if the block is the one being decoded (always recomputed)", 0.0, 1.0),
     Column("masked_fraction", "fraction of the block's positions still masked", 0.0, 1.0),
-    Column("changed_since_refresh", "fraction of the block's tokens that changed since it was last recomputed", 0.0, 1.0),
+    Column("changed_since_refresh", "fraction of the block's tokens changed since it was last recomputed", 0.0, 1.0),
     Column("steps_since_refresh", "steps since the block was last recomputed / block length, clipped at 1", 0.0, 1.0),
     Column("confidence", "mean of the latest top-1 probability seen at the block's positions (prompt = 1)", 0.0, 1.0),
     Column("entropy", "mean of the latest predictive entropy / log(vocab) at the block's positions", 0.0, 1.0),
     Column("attention_mass", "share of the decoding queries' last-layer attention on the block, last step", 0.0, 1.0),
     Column("attention_shift", "|change| of attention_mass between the last two steps", 0.0, 1.0),
-    Column("refresh_drift", "1 - cos(old, new) of the block's values when it was last recomputed (all layers)", 0.0, 1.0),
+    Column("refresh_drift", "1 - cos(old, new) of the block's values at its last recompute (all layers)", 0.0, 1.0),
     Column("valid_fraction", "fraction of the block's positions that are not padding", 0.0, 1.0),
 )
 GLOBAL_COLUMNS: tuple[Column, ...] = (
@@ -73,7 +73,8 @@ class StepFeatures:
 
 def schema_table() -> str:
     """The schema as a Markdown table (README and `python -m cache_core.features`)."""
-    lines = [f"Feature schema `{SCHEMA_ID.split(':')[0]}`", "", "| kind | name | range | meaning |", "|---|---|---|---|"]
+    header = ["| kind | name | range | meaning |", "|---|---|---|---|"]
+    lines = [f"Feature schema `{SCHEMA_ID.split(':')[0]}`", "", *header]
     for kind, cols in (("block", BLOCK_COLUMNS), ("global", GLOBAL_COLUMNS)):
         lines += [f"| {kind} | {c.name} | [{c.low:g}, {c.high:g}] | {c.meaning} |" for c in cols]
     return "\n".join(lines)

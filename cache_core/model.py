@@ -302,7 +302,8 @@ class LLaDAModel(nn.Module):
         # Logit positions are active in the last layer; find them among its active rows (idx is that layer's).
         where = (idx[:, None, :] == logit_positions[:, :, None]).float().argmax(-1)
         final = out.gather(1, where[..., None].expand(-1, -1, out.shape[-1]))
-        value_drift = torch.where(drift_n > 0, drift_sum / drift_n.clamp(min=1), torch.full_like(drift_sum, float("nan")))
+        nan = torch.full_like(drift_sum, float("nan"))
+        value_drift = torch.where(drift_n > 0, drift_sum / drift_n.clamp(min=1), nan)
         trace = PartialForwardTrace(active_counts=active_counts, attention_to_keys=attention, value_drift=value_drift,
                                     extra_flops=extra_flops, adaptive_counts=adaptive_counts)
         return self.lm_head(final), trace

@@ -154,7 +154,8 @@ class DecodingSession:
         """Full recompute of the current canvas (cached per step): fresh logits and the cache's hindsight drift."""
         if self._shadow is None:
             with torch.inference_mode():
-                logits, keys, values = self.model(self.canvas, self.cache.key_mask, self.cache.positions, return_kv=True)
+                logits, keys, values = self.model(self.canvas, self.cache.key_mask, self.cache.positions,
+                                                  return_kv=True)
             drift = torch.stack(
                 [torch.maximum(_block_drift(self.cache.keys[l], keys[l], self.cache),
                                _block_drift(self.cache.values[l], values[l], self.cache))
@@ -245,7 +246,8 @@ class DecodingSession:
         self.tokens_at_refresh = torch.where(refreshed, canvas_before, self.tokens_at_refresh)
         probs = logits.float().softmax(-1)
         block_conf = probs.max(-1).values
-        block_entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1) / torch.log(torch.tensor(float(probs.shape[-1])))
+        log_vocab = torch.log(torch.tensor(float(probs.shape[-1])))
+        block_entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1) / log_vocab
         # Committed positions keep the confidence they were committed with.
         open_ = (canvas_before.gather(1, positions) == self.mask_id).float()
         self.confidence.scatter_(1, positions, open_ * block_conf + (1 - open_) * self.confidence.gather(1, positions))

@@ -7,7 +7,6 @@ Ids 0..2 are the special tokens PAD, MASK and EOS; every other id is one printab
 from __future__ import annotations
 
 import json
-import string
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -108,7 +107,8 @@ class Tokenizer:
             raise ValueError(f"{path}: unsupported tokenizer version {data.get('version')!r}, "
                              f"expected {FORMAT_VERSION}")
         if data.get("special_tokens") != list(SPECIAL_TOKENS):
-            raise ValueError(f"{path}: special_tokens must be {list(SPECIAL_TOKENS)}, got {data.get('special_tokens')!r}")
+            raise ValueError(f"{path}: special_tokens must be {list(SPECIAL_TOKENS)}, "
+                             f"got {data.get('special_tokens')!r}")
         chars = data.get("chars")
         if not isinstance(chars, str):
             raise ValueError(f"{path}: 'chars' must be a string, got {type(chars).__name__}")

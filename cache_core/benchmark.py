@@ -1,0 +1,214 @@
+"""The policy benchmark: every policy across its knob on the test split, at several batch sizes.
+
+    python train.py mode=benchmark                      # heuristics + oracle, batch 1 and 16, built-in model
+    python train.py mode=benchmark benchmark.n_examples=32 'benchmark.batch_sizes=[16]'
+
+For each (policy, knob value, batch size) it measures exact match, agreement with the no-cache answer, FLOP fraction
+(FLOPs spent / FLOPs of the no-cache run on the same prompts) and wall-clock speedup (no-cache wall time / wall time,
+same prompts and batch size). It prints a table, writes JSON, and draws the accuracy-vs-FLOPs plot (PNG).
+`policies.evaluate` calls `evaluate_policies` with the learned policies added.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache_core.generate import generate
+from cache_core.model import LLaDAModel
+from cache_core.policy import ReusePolicy, make_policy, policy_registry
+from cache_core.tasks import Example, score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PolicySpec:
+    """One point of the benchmark: a label, a factory of fresh policies, and the knob it sets."""
+
+    family: str
+    knob: str | None
+    value: Any
+    build: Callable[[], ReusePolicy]
+
+    @property
+    def label(self) -> str:
+        return self.family if self.knob is None else f"{self.family}({self.knob}={self.value})"
+
+
+def heuristic_specs(names: Sequence[str] | None = None, include_oracle: bool = True) -> list[PolicySpec]:
+    """Every registered heuristic across its knob sweep (conservative -> aggressive), the oracle last."""
+    registry = policy_registry()
+    names = list(names) if names is not None else [n for n in registry if n != "oracle"]
+    if include_oracle and "oracle" not in names:
+        names.append("oracle")
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {sorted(registry)}")
+    specs = []
+    for name in names:
+        cls = registry[name]
+        if cls.knob is None:
+            specs.append(PolicySpec(name, None, None, lambda n=name: make_policy(n)))
+        for value in cls.knob_sweep:
+            build = lambda n=name, k=cls.knob, v=value: make_policy(n, **{k: v})  # noqa: E731
+            specs.append(PolicySpec(name, cls.knob, value, build))
+    return specs
+
+
+@dataclass
+class Row:
+    policy: str
+    family: str
+    knob: str | None
+    value: Any
+    batch_size: int
+    n: int
+    exact_match: float
+    agreement: float
+    flop_fraction: float
+    speedup: float
+    wall_s: float
+    steps: int
+
+
+def _run(model: LLaDAModel, tokenizer, examples: list[Example], spec: PolicySpec, batch_size: int,
+         gen: dict[str, Any]) -> tuple[list[str], float, float, int]:
+    answers, flops, wall, steps = [], 0.0, 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i:i + batch_size]
+        prompts = [tokenizer.encode(e.prompt) for e in batch]
+        t0 = time.perf_counter()
+        result = generate(model, prompts, policy=spec.build(), **gen)
+        wall += time.perf_counter() - t0
+        flops += result.stats.flops
+        steps += len(result.stats.steps)
+        answers += [tokenizer.decode(row.tolist()) for row in result.tokens]
+    return answers, flops, wall, steps
+
+
+def evaluate_policies(model: LLaDAModel, tokenizer, examples: list[Example], specs: list[PolicySpec],
+                      batch_sizes: Sequence[int], gen: dict[str, Any], progress: bool = True) -> list[Row]:
+    """Run every spec at every batch size; the no-cache reference (`full`) runs first at each batch size."""
+    from tqdm.auto import tqdm
+
+    reference = PolicySpec("full", None, None, lambda: make_policy("full"))
+    rows = []
+    bar = tqdm(total=len(batch_sizes) * (len(specs) + 1), desc="benchmark", disable=not progress)
+    for batch_size in batch_sizes:
+        _run(model, tokenizer, examples[:batch_size], reference, batch_size, gen)  # warm-up, not timed
+        ref_answers, ref_flops, ref_wall, _ = _run(model, tokenizer, examples, reference, batch_size, gen)
+        bar.update()
+        for spec in [reference, *[s for s in specs if s.family != "full"]]:
+            if spec is reference:
+                answers, flops, wall, steps = ref_answers, ref_flops, ref_wall, 0
+            else:
+                answers, flops, wall, steps = _run(model, tokenizer, examples, spec, batch_size, gen)
+                bar.update()
+            rows.append(Row(
+                policy=spec.label, family=spec.family, knob=spec.knob, value=spec.value, batch_size=batch_size,
+                n=len(examples),
+                exact_match=sum(score(a, e) for a, e in zip(answers, examples)) / len(examples),
+                agreement=sum(a == r for a, r in zip(answers, ref_answers)) / len(examples),
+                flop_fraction=flops / ref_flops, speedup=ref_wall / wall, wall_s=wall, steps=steps,
+            ))
+            bar.set_postfix_str(f"b={batch_size} {spec.label}: em={rows[-1].exact_match:.2f}")
+    bar.close()
+    return rows
+
+
+def print_table(rows: list[Row], title: str = "policy benchmark") -> str:
+    """Print the rows as a rich table; returns the plain-text rendering too."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("policy", "batch", "exact match", "agree w/ no-cache", "FLOP fraction", "wall speedup",
+                "speedup / FLOP reduction"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in rows:
+        efficiency = r.speedup * r.flop_fraction
+        table.add_row(r.policy, str(r.batch_size), f"{r.exact_match:.3f}", f"{r.agreement:.3f}",
+                      f"{r.flop_fraction:.3f}", f"{r.speedup:.2f}x", f"{efficiency:.2f}")
+    console = Console(width=140, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def pareto_plot(rows: list[Row], path: str | Path, batch_size: int | None = None) -> Path:
+    """Exact match against FLOP fraction, one line per policy family (its knob sweep), at one batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch_size = batch_size if batch_size is not None else max(r.batch_size for r in rows)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    families: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.batch_size == batch_size:
+            families.setdefault(r.family, []).append(r)
+    for family, points in families.items():
+        points = sorted(points, key=lambda r: r.flop_fraction)
+        ax.plot([p.flop_fraction for p in points], [p.exact_match for p in points], marker="o", label=family,
+                linestyle="--" if family == "oracle" else "-")
+    ax.set_xlabel("FLOP fraction of no-cache (lower = cheaper)")
+    ax.set_ylabel("exact match")
+    ax.set_title(f"accuracy vs compute (batch {batch_size})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(rows: list[Row], directory: str | Path, name: str, meta: dict[str, Any]) -> dict[str, str]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / f"{name}.json"
+    json_path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2, default=str))
+    text = print_table(rows, title=name)
+    (directory / f"{name}.txt").write_text(text)
+    png = pareto_plot(rows, directory / f"{name}_pareto.png")
+    return {"json": str(json_path), "table": str(directory / f"{name}.txt"), "plot": str(png)}
+
+
+def load_builtin(cfg) -> tuple[LLaDAModel, Any]:
+    from cache_core.checkpoint import load_model, load_tokenizer
+
+    return load_model(cfg.paths.model), load_tokenizer(cfg.paths.model)
+
+
+def generation_kwargs(cfg) -> dict[str, Any]:
+    g = cfg.generation
+    return dict(gen_length=g.gen_length, block_length=g.block_length, steps=g.steps, threshold=g.threshold,
+                temperature=g.temperature, remasking=g.remasking)
+
+
+def run(cfg) -> dict:
+    """`python train.py mode=benchmark`."""
+    from cache_core.tasks import TaskSuite
+
+    b = cfg.benchmark
+    if b.threads:
+        torch.set_num_threads(int(b.threads))
+    model, tokenizer = load_builtin(cfg)
+    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(b.split, int(b.n_examples))
+    specs = heuristic_specs(b.policies, include_oracle=b.include_oracle)
+    rows = evaluate_policies(model, tokenizer, examples, specs, list(b.batch_sizes), generation_kwargs(cfg))
+    meta = {"model": str(cfg.paths.model), "split": b.split, "n_examples": len(examples),
+            "generation": generation_kwargs(cfg), "threads": torch.get_num_threads()}
+    out = write_results(rows, b.output_dir or cfg.paths.output, "benchmark", meta)
+    log.info("benchmark written: %s", out)
+    print(f"JSON: {out['json']}\nplot: {out['plot']}")
+    return out

@@ -1,0 +1,128 @@
+"""Learned reuse policies at inference: one ONNX file + a JSON manifest, run with onnxruntime.
+
+No Lightning, no Stable-Baselines3, no pickle: the exported network maps the feature schema's policy input
+(B, n_blocks, F_block + F_global) to per-block scores, and the manifest says how to read them:
+
+    {"format": "blockreuse-policy", "format_version": 1, "schema_id": cache_core.features.SCHEMA_ID,
+     "action_mode": "binary" | "depth", "n_layers": L, "output": "refresh_logit" | "action_logits",
+     "threshold": 0.5, "budget_conditioned": false, "source": {...}, "metrics": {...}}
+
+- output `refresh_logit`: (B, n_blocks) logits; a block is refreshed (all layers) when sigmoid(logit) >= threshold.
+- output `action_logits`: (B, n_blocks, A); the argmax action a is read as in the environment: binary (A = 2):
+  a = 1 refresh; depth (A = L + 1): a = 0 reuse, a = j refresh from layer L - j.
+A file built for another feature schema, action mode or layer count is refused with a message naming both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache_core.cache import RefreshPlan
+from cache_core.features import SCHEMA_ID, StepFeatures
+from cache_core.policy import ReusePolicy, StepContext
+
+POLICY_FORMAT = "blockreuse-policy"
+POLICY_FORMAT_VERSION = 1
+OUTPUTS = ("refresh_logit", "action_logits")
+ACTION_MODES = ("binary", "depth")
+
+
+class PolicyFileError(ValueError):
+    """An exported policy that cannot be used here; the message names the mismatch and the fix."""
+
+
+def manifest_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".json" else path.with_suffix(".json")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    mpath = manifest_path(path)
+    if not mpath.exists():
+        raise PolicyFileError(f"{mpath}: no manifest beside the policy file; re-export with `train.py mode=export`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as err:
+        raise PolicyFileError(f"{mpath}: manifest is not valid JSON ({err})") from err
+    if manifest.get("format") != POLICY_FORMAT:
+        raise PolicyFileError(f"{mpath}: not a {POLICY_FORMAT} manifest (format={manifest.get('format')!r})")
+    if manifest.get("format_version") != POLICY_FORMAT_VERSION:
+        raise PolicyFileError(
+            f"{mpath}: policy format version {manifest.get('format_version')} is not supported "
+            f"(this blockreuse reads version {POLICY_FORMAT_VERSION}); re-export the policy"
+        )
+    if manifest.get("schema_id") != SCHEMA_ID:
+        raise PolicyFileError(
+            f"{mpath}: the policy was trained on feature schema {manifest.get('schema_id')!r} but this blockreuse "
+            f"computes {SCHEMA_ID!r}; retrain (collect + supervised/rl) and re-export it with this version"
+        )
+    if manifest.get("action_mode") not in ACTION_MODES or manifest.get("output") not in OUTPUTS:
+        raise PolicyFileError(f"{mpath}: action_mode must be one of {ACTION_MODES} and output one of {OUTPUTS}")
+    return manifest
+
+
+class LearnedPolicy(ReusePolicy):
+    """A trained network (supervised predictor or RL agent) exported to ONNX, behind the ReusePolicy interface.
+
+    Knob: `threshold` for refresh-logit outputs (higher = refresh less = aggressive); budget-conditioned policies
+    read the budget given to `generate(..., budget=...)` from the features.
+    """
+
+    name = "learned"
+    uses_features = True
+    knob = "threshold"
+    knob_sweep = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+    def __init__(self, path: str | Path, threshold: float | None = None):
+        import onnxruntime as ort
+
+        manifest = read_manifest(path)
+        onnx_path = Path(path).with_suffix(".onnx")
+        if not onnx_path.exists():
+            raise PolicyFileError(f"{onnx_path}: the ONNX file named by the manifest is missing")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # tiny network: threads cost more than they give, and torch holds the cores
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for corrupt graphs
+            raise PolicyFileError(f"{onnx_path}: cannot load the ONNX graph ({err}); the file is corrupt") from err
+        self.manifest = manifest
+        self.path = str(onnx_path)
+        self.action_mode = manifest["action_mode"]
+        self.output = manifest["output"]
+        self.threshold = float(manifest.get("threshold", 0.5) if threshold is None else threshold)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold} must lie in [0, 1]")
+        self.input_name = self.session.get_inputs()[0].name
+
+    def scores(self, features: StepFeatures) -> np.ndarray:
+        x = features.policy_input().detach().cpu().numpy().astype(np.float32)
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        if self.action_mode == "depth" and int(self.manifest.get("n_layers", -1)) != ctx.n_layers:
+            raise PolicyFileError(
+                f"{self.path}: depth policy exported for n_layers={self.manifest.get('n_layers')} but the model has "
+                f"{ctx.n_layers}; depth actions only transfer between models of the same depth"
+            )
+        out = torch.from_numpy(self.scores(features))
+        if self.output == "refresh_logit":
+            return RefreshPlan.from_refresh_mask(torch.sigmoid(out) >= self.threshold, ctx.n_layers)
+        action = out.argmax(-1)
+        if self.action_mode == "binary":
+            return RefreshPlan.from_refresh_mask(action == 1, ctx.n_layers)
+        return RefreshPlan((ctx.n_layers - action).clamp(0, ctx.n_layers).long())
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "path": self.path, "threshold": self.threshold,
+                "action_mode": self.action_mode, "source": self.manifest.get("source", {})}
+
+
+def load_policy(path: str | Path, **knobs: Any) -> LearnedPolicy:
+    """Load an exported policy (`<name>.onnx` + `<name>.json`)."""
+    return LearnedPolicy(path, **knobs)

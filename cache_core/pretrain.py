@@ -1,0 +1,373 @@
+"""Pretrain the built-in diffusion LM on the synthetic task suite (masked-diffusion SFT objective, Lightning).
+
+Objective (LLaDA SFT): the prompt is always visible; per example t ~ U(eps, 1) and every generation-region token
+(answer + EOS filling up to GEN_LENGTH) is masked with probability t; loss = sum over masked positions of CE / t,
+divided by the number of generation tokens. Prompts of different lengths are LEFT-padded with PAD, hidden by
+`key_mask`, and get rotary positions starting at 0 on their first real token, so the layout of a prompt + canvas
+does not depend on the batch it sits in.
+
+This is the only module of cache_core that imports Lightning (at import time of this module, never from the package).
+Entry point: `run(cfg)`, called by `train.py mode=pretrain`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset
+
+from cache_core.checkpoint import save_checkpoint
+from cache_core.model import LLaDAModel, ModelConfig
+from cache_core.tasks import BLOCK_LENGTH, GEN_LENGTH, Example, TaskSuite, score
+from cache_core.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- batches ----------------------------------------------------------------------------------------------------
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, key_mask, positions), each (B, P): prompts left-padded to the longest, positions 0 at the first real
+    token (padding gets position 0 too; it is never attended to)."""
+    if not prompts:
+        raise ValueError("need at least one prompt")
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    key_mask = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        key_mask[i, P - len(p):] = True
+    pad = (~key_mask).sum(1, keepdim=True)
+    positions = (torch.arange(P)[None, :] - pad).clamp(min=0)
+    return ids, key_mask, positions
+
+
+def answer_targets(answer_ids: list[int], eos_id: int, gen_length: int = GEN_LENGTH) -> list[int]:
+    """The generation region an example should end up as: its answer, then EOS up to gen_length."""
+    if len(answer_ids) >= gen_length:
+        raise ValueError(f"answer of {len(answer_ids)} tokens leaves no room for EOS in gen_length={gen_length}")
+    return list(answer_ids) + [eos_id] * (gen_length - len(answer_ids))
+
+
+def collate(examples: Sequence[Example], tok: Tokenizer, gen_length: int = GEN_LENGTH) -> dict[str, torch.Tensor]:
+    """Batch of canvases: left-padded prompt, then gen_length target tokens (answer + EOS) to be noised."""
+    prompt_ids, key_mask, positions = left_pad([tok.encode(e.prompt) for e in examples], tok.pad_token_id)
+    targets = torch.tensor([answer_targets(tok.encode(e.answer), tok.eos_token_id, gen_length) for e in examples])
+    B, P = prompt_ids.shape
+    gen_positions = positions[:, -1:] + 1 + torch.arange(gen_length)[None, :]
+    return {
+        "input_ids": torch.cat([prompt_ids, targets], 1),
+        "key_mask": torch.cat([key_mask, torch.ones(B, gen_length, dtype=torch.bool)], 1),
+        "positions": torch.cat([positions, gen_positions], 1),
+        "targets": targets,
+    }
+
+
+class TrainStream(IterableDataset):
+    """Endless training examples drawn on the fly from the train split (never validation/test instances)."""
+
+    def __init__(self, suite: TaskSuite, stream: int):
+        self.suite = suite
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[Example]:
+        info = torch.utils.data.get_worker_info()
+        # One stream per worker, so workers never repeat each other's examples.
+        stream = self.stream * 1000 + (info.id if info is not None else 0)
+        return self.suite.iterate("train", stream=stream)
+
+
+class TaskDataModule(L.LightningDataModule):
+    def __init__(self, suite: TaskSuite, tok: Tokenizer, batch_size: int, stream: int, num_workers: int = 0):
+        super().__init__()
+        self.suite, self.tok = suite, tok
+        self.batch_size, self.stream, self.num_workers = batch_size, stream, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TrainStream(self.suite, self.stream), batch_size=self.batch_size,
+                          collate_fn=lambda ex: collate(ex, self.tok), num_workers=self.num_workers)
+
+
+# --- objective --------------------------------------------------------------------------------------------------
+
+def diffusion_loss(model: LLaDAModel, batch: dict[str, torch.Tensor], mask_id: int, eps: float = 1e-3,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Masked-diffusion SFT loss of one batch (see module docstring)."""
+    ids, targets = batch["input_ids"], batch["targets"]
+    B, G = targets.shape
+    t = eps + (1 - eps) * torch.rand(B, 1, generator=generator)
+    masked = torch.rand(B, G, generator=generator) < t
+    noisy = ids.clone()
+    noisy[:, -G:] = torch.where(masked, torch.full_like(targets, mask_id), targets)
+    logits = model(noisy, key_mask=batch["key_mask"], positions=batch["positions"])[:, -G:]
+    ce = F.cross_entropy(logits[masked], targets[masked], reduction="none")
+    return (ce / t.expand(B, G)[masked]).sum() / (B * G)
+
+
+class DiffusionLM(L.LightningModule):
+    def __init__(self, model_cfg: ModelConfig, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
+                 min_lr_ratio: float = 0.1, eps: float = 1e-3, max_seconds: float | None = None):
+        super().__init__()
+        self.model = LLaDAModel(model_cfg)
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.max_steps, self.min_lr_ratio, self.eps = max_steps, min_lr_ratio, eps
+        self.max_seconds = max_seconds
+        self.started: float | None = None
+
+    def on_train_start(self) -> None:
+        self.started = time.time()
+
+    def progress(self, step: int) -> float:
+        """Fraction of the budget used: steps or wall-clock, whichever runs out first (the CPU may be shared)."""
+        frac = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+        if self.max_seconds and self.started is not None:
+            frac = max(frac, (time.time() - self.started) / self.max_seconds)
+        return min(1.0, max(0.0, frac))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = diffusion_loss(self.model, batch, self.model.config.mask_token_id, self.eps)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # No weight decay on norms and embeddings (1-D weights and the token table).
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "wte" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "wte" in n]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=(0.9, 0.98))
+
+        def schedule(step: int) -> float:
+            # Linear warmup, then cosine decay to min_lr_ratio at max_steps (or at max_minutes if that comes first).
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            frac = self.progress(step)
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode_no_cache(model: LLaDAModel, prompts: list[list[int]], pad_id: int, gen_length: int = GEN_LENGTH,
+                    block_length: int = BLOCK_LENGTH, steps: int = GEN_LENGTH) -> torch.Tensor:
+    """Plain LLaDA decode (full forward every step, low-confidence remasking, argmax): (B, gen_length) ids.
+
+    A fallback for when cache_core.generate cannot be imported; `evaluate` prefers the framework's generate loop.
+    """
+    if gen_length % block_length or steps % (gen_length // block_length):
+        raise ValueError("gen_length must be a multiple of block_length and steps of the number of blocks")
+    mask_id = model.config.mask_token_id
+    ids, key_mask, positions = left_pad(prompts, pad_id)
+    B, P = ids.shape
+    x = torch.cat([ids, torch.full((B, gen_length), mask_id)], 1)
+    key_mask = torch.cat([key_mask, torch.ones(B, gen_length, dtype=torch.bool)], 1)
+    positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(gen_length)[None, :]], 1)
+    n_blocks = gen_length // block_length
+    per_block = steps // n_blocks
+    for b in range(n_blocks):
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        n_masked = (x[:, lo:hi] == mask_id).sum(1)
+        # Linear schedule: the block's masked count split evenly over its steps, remainder to the first steps.
+        quota = (n_masked[:, None] // per_block).repeat(1, per_block)
+        quota[torch.arange(per_block)[None, :] < (n_masked % per_block)[:, None]] += 1
+        for s in range(per_block):
+            probs = model(x, key_mask=key_mask, positions=positions).softmax(-1)
+            conf, pred = probs.max(-1)
+            eligible = x == mask_id
+            eligible[:, hi:] = False
+            conf = torch.where(eligible, conf, torch.full_like(conf, -math.inf))
+            for row in range(B):
+                k = int(quota[row, s])
+                if k:
+                    pick = conf[row].topk(k).indices
+                    x[row, pick] = pred[row, pick]
+    return x[:, P:]
+
+
+def _decode(model: LLaDAModel, prompts: list[list[int]], tok: Tokenizer, gen_length: int, block_length: int,
+            steps: int) -> torch.Tensor:
+    try:
+        from cache_core.generate import generate
+    except Exception as err:  # the framework loop is being written concurrently; fall back rather than fail
+        log.warning("cache_core.generate unavailable (%s); using the private no-cache decode", err)
+        return decode_no_cache(model, prompts, tok.pad_token_id, gen_length, block_length, steps)
+    return generate(model, prompts, gen_length=gen_length, block_length=block_length, steps=steps).tokens
+
+
+@torch.no_grad()
+def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_length: int = GEN_LENGTH,
+             block_length: int = BLOCK_LENGTH, steps: int = GEN_LENGTH, batch_size: int = 32) -> dict[str, float]:
+    """Exact match (no cache) per task and overall ('all')."""
+    was_training = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        tokens = _decode(model, [tok.encode(e.prompt) for e in chunk], tok, gen_length, block_length, steps)
+        for e, row in zip(chunk, tokens.tolist()):
+            hits.setdefault(e.task, []).append(score(tok.decode(row), e))
+    model.train(was_training)
+    result = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
+    result["all"] = sum(sum(h) for h in hits.values()) / max(1, len(examples))
+    return result
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+
+
+class ProgressAndEval(L.Callback):
+    """Log lines every `log_every` steps; every `eval_every` steps exact match on held-out validation examples,
+    saving the best model so far to the checkpoint directory (a killed run still leaves its best checkpoint)."""
+
+    def __init__(self, tok: Tokenizer, val: list[Example], pcfg: DictConfig, out_dir: Path, extra: dict[str, Any]):
+        self.tok, self.val, self.pcfg, self.out_dir, self.extra = tok, val, pcfg, out_dir, extra
+        self.best = -1.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.loss_sum, self.loss_n = 0.0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: DiffusionLM, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.loss_sum += float(outputs["loss"])
+        self.loss_n += 1
+        step = trainer.global_step
+        if step % self.pcfg.log_every == 0:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            elapsed = time.time() - self.started
+            log.info("step %d/%d loss %.4f lr %.2e %.1fs elapsed (%.2fs/step)", step, trainer.max_steps,
+                     self.loss_sum / self.loss_n, lr, elapsed, elapsed / step)
+            self.loss_sum, self.loss_n = 0.0, 0
+        if self.pcfg.eval_every and step % self.pcfg.eval_every == 0:
+            self.run_eval(pl_module.model, step)
+
+    def run_eval(self, model: LLaDAModel, step: int) -> None:
+        if not self.val:
+            return
+        t0 = time.time()
+        metrics = evaluate(model, self.tok, self.val, steps=self.pcfg.eval_steps)
+        self.history.append({"step": step, **metrics})
+        log.info("eval step %d: %s (%.0fs)", step, _fmt(metrics), time.time() - t0)
+        if metrics["all"] > self.best:
+            self.best, self.best_step = metrics["all"], step
+            self.best_state = copy.deepcopy(model.state_dict())
+            save_checkpoint(model, self.out_dir, tokenizer=self.tok,
+                            extra={**self.extra, "step": step, "validation_exact_match": metrics})
+
+
+# --- entry point ------------------------------------------------------------------------------------------------
+
+def model_config_from(cfg_model: DictConfig | dict, tok: Tokenizer) -> ModelConfig:
+    """ModelConfig from the `model` config group; vocab_size / mask_token_id left null come from the tokenizer."""
+    raw = OmegaConf.to_container(cfg_model, resolve=True) if isinstance(cfg_model, DictConfig) else dict(cfg_model)
+    fields = {k: v for k, v in raw.items() if k in ModelConfig.field_names()}
+    if fields.get("vocab_size") is None:
+        fields["vocab_size"] = tok.vocab_size
+    if fields.get("mask_token_id") is None:
+        fields["mask_token_id"] = tok.mask_token_id
+    if fields["vocab_size"] < tok.vocab_size or fields["mask_token_id"] != tok.mask_token_id:
+        raise ValueError(f"model vocab_size={fields['vocab_size']} / mask_token_id={fields['mask_token_id']} do not "
+                         f"fit the tokenizer (vocab {tok.vocab_size}, mask id {tok.mask_token_id}); set them to null")
+    return ModelConfig(**fields)
+
+
+def _output_dir(pcfg: DictConfig) -> Path:
+    root = Path(pcfg.output_dir)
+    if not root.is_absolute():
+        root = REPO_ROOT / root  # independent of Hydra's working directory
+    return root / pcfg.name
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train the built-in model per cfg.model / cfg.task / cfg.pretrain; write checkpoints/<name>/; return metrics."""
+    for key in ("model", "task", "pretrain"):
+        if key not in cfg:
+            raise KeyError(f"config has no '{key}' group; expected defaults model: builtin, task: builtin, "
+                           f"pretrain: default")
+    pcfg, tcfg = cfg.pretrain, cfg.task
+    torch.set_num_threads(int(pcfg.num_threads))  # the CPU is shared: do not oversubscribe
+    L.seed_everything(int(pcfg.seed), workers=True, verbose=False)
+    tok = Tokenizer()
+    suite = TaskSuite(list(tcfg.tasks), seed=int(tcfg.seed))
+    model_cfg = model_config_from(cfg.model, tok)
+    out_dir = _output_dir(pcfg)
+    val = suite.split("validation", int(pcfg.eval_examples))
+    extra = {"task": {"tasks": list(tcfg.tasks), "seed": int(tcfg.seed), "gen_length": GEN_LENGTH,
+                      "block_length": BLOCK_LENGTH},
+             "pretrain": OmegaConf.to_container(pcfg, resolve=True)}
+
+    module = DiffusionLM(model_cfg, lr=float(pcfg.lr), weight_decay=float(pcfg.weight_decay),
+                         warmup_steps=int(pcfg.warmup_steps), max_steps=int(pcfg.steps),
+                         min_lr_ratio=float(pcfg.min_lr_ratio), eps=float(pcfg.eps),
+                         max_seconds=float(pcfg.max_minutes) * 60 if pcfg.max_minutes else None)
+    n_params = sum(p.numel() for p in module.model.parameters())
+    log.info("pretraining %s: %s, %.2fM parameters -> %s", pcfg.name, model_cfg, n_params / 1e6, out_dir)
+    callback = ProgressAndEval(tok, val, pcfg, out_dir, extra)
+    data = TaskDataModule(suite, tok, int(pcfg.batch_size), stream=int(pcfg.seed))
+    trainer = L.Trainer(
+        max_steps=int(pcfg.steps), max_time=({"minutes": float(pcfg.max_minutes)} if pcfg.max_minutes else None),
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=bool(pcfg.progress_bar), enable_model_summary=False,
+        gradient_clip_val=float(pcfg.grad_clip), callbacks=[callback], num_sanity_val_steps=0,
+    )
+    started = time.time()
+    trainer.fit(module, datamodule=data)
+    train_seconds = time.time() - started
+    model = module.model
+    step = trainer.global_step
+    # Final validation unless the last step was just evaluated; then keep the best model seen.
+    if not callback.history or callback.history[-1]["step"] != step:
+        callback.run_eval(model, step)
+    if callback.best_state is not None:
+        model.load_state_dict(callback.best_state)
+    test = suite.split("test", int(pcfg.test_examples))
+    t0 = time.time()
+    test_metrics = evaluate(model, tok, test, steps=int(pcfg.eval_steps)) if test else {}
+    log.info("test exact match (%d examples, best step %d): %s (%.0fs)", len(test), callback.best_step,
+             _fmt(test_metrics), time.time() - t0)
+    result = {
+        "checkpoint": str(out_dir), "steps": step, "best_step": callback.best_step, "train_seconds": train_seconds,
+        "parameters": n_params, "validation_exact_match": callback.history[-1] if callback.history else {},
+        "best_validation_exact_match": callback.best, "test_exact_match": test_metrics,
+        "test_examples": len(test), "history": callback.history,
+    }
+    save_checkpoint(model, out_dir, tokenizer=tok, extra={**extra, **{k: v for k, v in result.items()
+                                                                         if k != "checkpoint"}})
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    result["checkpoint_bytes"] = size
+    log.info("saved %s (%.1f MB)", out_dir, size / 1e6)
+    return result
+
+
+def standalone_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """cfg with the model/task/pretrain groups read straight from conf/ (builtin/builtin/default) plus dotlist
+    overrides like `pretrain.steps=10`: lets this module run without train.py or conf/config.yaml."""
+    conf = REPO_ROOT / "conf"
+    cfg = OmegaConf.create({"model": OmegaConf.load(conf / "model" / "builtin.yaml"),
+                            "task": OmegaConf.load(conf / "task" / "builtin.yaml"),
+                            "pretrain": OmegaConf.load(conf / "pretrain" / "default.yaml")})
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+
+
+if __name__ == "__main__":  # python -m cache_core.pretrain pretrain.steps=100 ...
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    print(run(standalone_config(sys.argv[1:])))
