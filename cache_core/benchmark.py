@@ -150,20 +150,22 @@ def pareto_plot(rows: list[Row], path: str | Path, batch_size: int | None = None
     import matplotlib.pyplot as plt
 
     batch_size = batch_size if batch_size is not None else max(r.batch_size for r in rows)
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     families: dict[str, list[Row]] = {}
     for r in rows:
         if r.batch_size == batch_size:
             families.setdefault(r.family, []).append(r)
-    for family, points in families.items():
-        points = sorted(points, key=lambda r: r.flop_fraction)
-        ax.plot([p.flop_fraction for p in points], [p.exact_match for p in points], marker="o", label=family,
-                linestyle="--" if family == "oracle" else "-")
-    ax.set_xlabel("FLOP fraction of no-cache (lower = cheaper)")
-    ax.set_ylabel("exact match")
-    ax.set_title(f"accuracy vs compute (batch {batch_size})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, metric, label in ((axes[0], "exact_match", "exact match"),
+                              (axes[1], "agreement", "agreement with the no-cache answer")):
+        for family, points in families.items():
+            points = sorted(points, key=lambda r: r.flop_fraction)
+            ax.plot([p.flop_fraction for p in points], [getattr(p, metric) for p in points], marker="o",
+                    label=family, linestyle="--" if family == "oracle" else "-")
+        ax.set_xlabel("FLOP fraction of no-cache (lower = cheaper)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs compute (batch {batch_size})")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -19,8 +19,10 @@ from cache_core.model import ModelConfig
 class RefreshPlan:
     """What to recompute this step.
 
-    start_layer: (B, n_blocks) ints; a block recomputes layers start_layer..n_layers-1 and reuses its cached K/V in
-        the layers below. 0 = refresh the whole block, n_layers = reuse it everywhere.
+    start_layer: (B, n_blocks) ints; a block recomputes layers start_layer..n_layers-1 from its cached input to
+        layer start_layer, and reuses its cached K/V in the layers below. So its K/V change from layer start_layer + 1
+        on (at layer 0 too when start_layer = 0, which re-embeds the tokens). 0 = refresh the whole block,
+        n_layers = reuse it everywhere.
     refresh_positions: optional (B, N) bool, single positions to refresh in every layer (token-level policies such as
         dKV-Cache).
     adaptive: optional (candidates (B, N) bool, rho): dLLM-Cache's per-layer value-similarity refresh of the rho

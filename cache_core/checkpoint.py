@@ -32,7 +32,7 @@ _IGNORED_KEYS = {
     "architectures", "auto_map", "model_type", "torch_dtype", "transformers_version", "use_cache", "init_device",
     "init_fn", "init_std", "init_cutoff_factor", "eos_token_id", "pad_token_id", "bos_token_id", "mlp_ratio",
     "attention_dropout", "residual_dropout", "embedding_dropout", "precision", "flash_attention", "rope_full_precision",
-    "input_emb_norm", "scale_logits", "blockreuse", "attention_layer_norm_with_affine", "layer_norm_with_affine",
+    "blockreuse", "alibi_bias_max", "block_group_size", "attention_layer_norm_with_affine", "layer_norm_with_affine",
     "bias_for_layer_norm", "multi_query_attention", "new_embedding_init_range", "emb_init_std",
 }
 # Keys whose value must be the one we implement; anything else is a different architecture.
@@ -42,7 +42,9 @@ _REQUIRED_VALUES = {
     "rope": {True},
     "include_bias": {False},
     "include_qkv_bias": {False, None},
-    "layer_norm_type": {"rms", "default", "low_precision_rms"},
+    "layer_norm_type": {"rms"},  # OLMo/LLaDA "default" and "low_precision" are LayerNorm (mean-centred)
+    "scale_logits": {False, None},  # True multiplies the logits by 1/sqrt(d_model)
+    "input_emb_norm": {False, None},  # True multiplies the embeddings by sqrt(d_model)
     "block_type": {"llama"},
     "attention_layer_norm": {False},
     "clip_qkv": {None},

@@ -106,7 +106,7 @@ def compute_features(session: DecodingSession, budget: float | None = None) -> S
     since = (s.step_index - s.last_refresh_step).float().clamp(min=0) / s.block_length
     since = _block_mean(since.clamp(max=1.0), valid, bs)
     confidence = _block_mean(s.confidence, valid, bs)
-    entropy = _block_mean(s.entropy, valid, bs)
+    entropy = _block_mean(s.entropy.clamp(0, 1), valid, bs)
     mass = s.attention_mass.view(B, nb, bs).sum(-1)
     shift = (mass - s.previous_attention_mass.view(B, nb, bs).sum(-1)).abs()
     drift = _block_mean(s.refresh_drift.clamp(0, 1), valid, bs)

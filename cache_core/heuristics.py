@@ -134,6 +134,8 @@ class ElasticCache(ReusePolicy):
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
         B, L = ctx.batch_size, ctx.n_layers
         current = None if ctx.last_trace is None else ctx.last_trace.attention_to_keys  # (L, B, n_out, N)
+        if ctx.step_in_block == 0:
+            current = None  # the decoding queries change with the block: the previous block's attention is no reference
         previous, self._previous = self._previous, current
         if ctx.step_in_block == 0 or current is None or previous is None:
             return RefreshPlan.refresh_all(B, ctx.n_blocks)
@@ -142,9 +144,9 @@ class ElasticCache(ReusePolicy):
         now, before = current.gather(3, index).squeeze(-1), previous.gather(3, index).squeeze(-1)  # (L, B, n_out)
         similarity = F.cosine_similarity(now, before, dim=-1)  # (L, B)
         drifted = similarity < self.gamma
-        # Refresh the layers deeper than the first drifting one; a drift in the last layer refreshes that layer.
-        first = (drifted.float().argmax(0) + 1).clamp(max=L - 1)
-        first = torch.where(drifted.any(0), first, L)
+        # Start at the first drifting layer l: it is recomputed from its cached input, so its own K/V stay and the
+        # K/V of every deeper layer are refreshed, as Elastic-Cache prescribes.
+        first = torch.where(drifted.any(0), drifted.float().argmax(0), L)
         return RefreshPlan(first[:, None].expand(B, ctx.n_blocks).clone().long())
 
 
@@ -152,26 +154,27 @@ class ConfidenceRefresh(ReusePolicy):
     """Entropy/confidence threshold: refresh the blocks the model is unsure about.
 
     A block is refreshed when the mean confidence of the model's latest predictions at its positions is below
-    `threshold` (signal `confidence`) or the mean normalised entropy above 1 - threshold (signal `entropy`); the
-    prompt (confidence 1) is never refreshed. Knob: threshold (higher = refresh more = conservative).
+    `min_confidence` (signal `confidence`) or the mean normalised entropy above 1 - min_confidence (signal
+    `entropy`); the prompt (confidence 1) is never refreshed. Knob: min_confidence (higher = refresh more =
+    conservative).
     """
 
     name = "confidence"
-    knob = "threshold"
+    knob = "min_confidence"  # not "threshold": generate() has its own threshold argument
     knob_sweep = (0.99, 0.95, 0.9, 0.8, 0.6)
 
-    def __init__(self, threshold: float = 0.9, signal: str = "confidence"):
+    def __init__(self, min_confidence: float = 0.9, signal: str = "confidence"):
         if signal not in ("confidence", "entropy"):
             raise ValueError(f"confidence policy signal must be 'confidence' or 'entropy', got {signal!r}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"confidence threshold must lie in [0, 1], got {threshold}")
-        self.threshold, self.signal = threshold, signal
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"confidence min_confidence must lie in [0, 1], got {min_confidence}")
+        self.min_confidence, self.signal = min_confidence, signal
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
         if self.signal == "confidence":
-            refresh = features.column("confidence") < self.threshold
+            refresh = features.column("confidence") < self.min_confidence
         else:
-            refresh = features.column("entropy") > 1.0 - self.threshold
+            refresh = features.column("entropy") > 1.0 - self.min_confidence
         return RefreshPlan.from_refresh_mask(refresh.cpu(), ctx.n_layers)
 
 

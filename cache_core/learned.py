@@ -69,16 +69,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 class LearnedPolicy(ReusePolicy):
     """A trained network (supervised predictor or RL agent) exported to ONNX, behind the ReusePolicy interface.
 
-    Knob: `threshold` for refresh-logit outputs (higher = refresh less = aggressive); budget-conditioned policies
-    read the budget given to `generate(..., budget=...)` from the features.
+    Knob: `refresh_threshold` for refresh-logit outputs (higher = refresh less = aggressive; not `threshold`, which
+    is generate()'s parallel-decoding argument); budget-conditioned policies read the budget given to
+    `generate(..., budget=...)` from the features.
     """
 
     name = "learned"
     uses_features = True
-    knob = "threshold"
+    knob = "refresh_threshold"
     knob_sweep = (0.1, 0.3, 0.5, 0.7, 0.9)
 
-    def __init__(self, path: str | Path, threshold: float | None = None):
+    def __init__(self, path: str | Path, refresh_threshold: float | None = None):
         import onnxruntime as ort
 
         manifest = read_manifest(path)
@@ -95,9 +96,10 @@ class LearnedPolicy(ReusePolicy):
         self.path = str(onnx_path)
         self.action_mode = manifest["action_mode"]
         self.output = manifest["output"]
-        self.threshold = float(manifest.get("threshold", 0.5) if threshold is None else threshold)
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold={self.threshold} must lie in [0, 1]")
+        default = manifest.get("threshold", 0.5)
+        self.refresh_threshold = float(default if refresh_threshold is None else refresh_threshold)
+        if not 0.0 <= self.refresh_threshold <= 1.0:
+            raise ValueError(f"refresh_threshold={self.refresh_threshold} must lie in [0, 1]")
         self.input_name = self.session.get_inputs()[0].name
 
     def scores(self, features: StepFeatures) -> np.ndarray:
@@ -112,14 +114,14 @@ class LearnedPolicy(ReusePolicy):
             )
         out = torch.from_numpy(self.scores(features))
         if self.output == "refresh_logit":
-            return RefreshPlan.from_refresh_mask(torch.sigmoid(out) >= self.threshold, ctx.n_layers)
+            return RefreshPlan.from_refresh_mask(torch.sigmoid(out) >= self.refresh_threshold, ctx.n_layers)
         action = out.argmax(-1)
         if self.action_mode == "binary":
             return RefreshPlan.from_refresh_mask(action == 1, ctx.n_layers)
         return RefreshPlan((ctx.n_layers - action).clamp(0, ctx.n_layers).long())
 
     def describe(self) -> dict[str, Any]:
-        return {"policy": self.name, "path": self.path, "threshold": self.threshold,
+        return {"policy": self.name, "path": self.path, "refresh_threshold": self.refresh_threshold,
                 "action_mode": self.action_mode, "source": self.manifest.get("source", {})}
 
 

@@ -47,19 +47,19 @@ class ModelConfig:
         if self.embedding_size is None:
             self.embedding_size = self.vocab_size
         problems = []
-        if self.d_model % self.n_heads:
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "max_sequence_length"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads > 0 and self.d_model % self.n_heads:
             problems.append(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
+        if self.n_heads > 0 and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
+        if self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
             problems.append(f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings")
         if self.embedding_size < self.vocab_size:
             problems.append(f"embedding_size={self.embedding_size} < vocab_size={self.vocab_size}")
         if not 0 <= self.mask_token_id < self.embedding_size:
             problems.append(f"mask_token_id={self.mask_token_id} outside the embedding (size {self.embedding_size})")
-        for name in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "max_sequence_length"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 

@@ -95,12 +95,23 @@ class OraclePolicy(ReusePolicy):
         self.depth = depth
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
-        drift = ctx.shadow().drift  # (B, n_blocks, n_layers)
-        over = drift > self.epsilon
+        start = oracle_start_layer(ctx.shadow().drift, self.epsilon)
         if not self.depth:
-            return RefreshPlan.from_refresh_mask(over.any(-1), ctx.n_layers)
-        first = torch.where(over.any(-1), over.float().argmax(-1), ctx.n_layers)
-        return RefreshPlan(first.long())
+            start = torch.where(start < ctx.n_layers, 0, ctx.n_layers)
+        return RefreshPlan(start)
+
+
+def oracle_start_layer(drift: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The oracle's decision from hindsight drift (B, n_blocks, n_layers): the start layer per block (B, n_blocks).
+
+    n_layers (reuse) where no layer drifts more than epsilon. To refresh K/V at layer l the block must recompute
+    layer l - 1, whose output is layer l's input; K/V at layer 0 change only with the token, which a start at
+    layer 0 re-embeds. The supervised labels and the environment's depth labels use this same function.
+    """
+    n_layers = drift.shape[-1]
+    over = drift > epsilon
+    first = (over.float().argmax(-1) - 1).clamp(min=0)
+    return torch.where(over.any(-1), first, n_layers).long()
 
 
 def policy_registry() -> dict[str, type[ReusePolicy]]:

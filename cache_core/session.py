@@ -213,7 +213,13 @@ class DecodingSession:
         """LLaDA's low-confidence remasking, or Fast-dLLM's threshold rule: commit masked tokens of the block."""
         block_tokens = self.canvas.gather(1, positions)
         masked = block_tokens == self.mask_id
-        x0 = add_gumbel_noise(logits, self.temperature, self.generator).argmax(-1)
+        choice = logits
+        if self.mask_id < logits.shape[-1]:
+            # The mask token is never a prediction: committing it would leave the position masked for good (the block
+            # would never complete). Confidence still reads the model's own softmax, as LLaDA does.
+            choice = logits.clone()
+            choice[..., self.mask_id] = float("-inf")
+        x0 = add_gumbel_noise(choice, self.temperature, self.generator).argmax(-1)
         if self.remasking == "low_confidence":
             probs = logits.float().softmax(-1)
             conf = probs.gather(-1, x0[..., None]).squeeze(-1)
@@ -306,7 +312,7 @@ def validate_generation_args(prompts, gen_length: int, block_length: int, steps:
             )
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold={threshold} must lie in (0, 1]")
-    if temperature < 0:
+    if not temperature >= 0:  # also refuses NaN
         raise ValueError(f"temperature={temperature} must be >= 0")
     if remasking not in REMASKING:
         raise ValueError(f"unknown remasking {remasking!r}; choose one of {REMASKING}")
