@@ -88,6 +88,13 @@ class DecodingSession:
             canvas[b, start:self.prompt_region] = torch.as_tensor(prompt, dtype=torch.long)
             key_mask[b, start:] = True
         canvas[:, self.prompt_region:] = self.mask_id
+        # Prompt ids must be real tokens (or the mask, for infilling); generation positions hold the mask.
+        bad = ((canvas < 0) | (canvas >= cfg.vocab_size)) & (canvas != self.mask_id) & key_mask
+        bad[:, self.prompt_region:] = False
+        if bool(bad.any()):
+            row = int(bad.any(1).nonzero()[0])
+            raise ValueError(f"prompt {row} holds token ids outside the model's vocabulary [0, {cfg.vocab_size}): "
+                             "was it encoded with this model's tokenizer?")
         positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
         self.canvas = canvas.to(device)
         self.cache = BlockKVCache(cfg, key_mask.to(device), positions.to(device), block_length, dtype=model.dtype)

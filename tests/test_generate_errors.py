@@ -200,3 +200,11 @@ def test_features_are_mask_free_after_generation() -> None:
     f = compute_features(session)
     assert float(f.column("masked_fraction").max()) == 0.0
     assert float(f.global_[0, GLOBAL_FEATURE_NAMES.index("progress")]) == 1.0
+
+
+def test_prompt_ids_outside_vocabulary_are_refused():
+    model = tiny_model(0)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate(model, [[1, 2, model.config.vocab_size + 3]], gen_length=8, block_length=4, steps=4)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate(model, [[1, -1]], gen_length=8, block_length=4, steps=4)
