@@ -1,0 +1,242 @@
+"""Rollout dataset shards: the on-disk format written by `envs.collect` and read by supervised / offline training.
+
+Format version 1 (`SHARD_FORMAT_VERSION`). A shard directory holds
+
+    manifest.json               what the data is (below); written after every shard, `complete: true` at the end
+    shard-00000.safetensors     rows 0 .. S0-1
+    shard-00001.safetensors     ...
+
+One row = one environment step = (observation the action was chosen on, action, oracle labels of that state,
+reward and divergence of the step). Tensors of a shard with S rows (B = max_blocks, L = n_layers):
+
+    blocks         (S, B, F_b) float32   observation["blocks"]: `cache_core.features` block columns, padded rows 0
+    block_mask     (S, B)      bool      observation["block_mask"]: real (True) vs padded (False) block rows
+    global         (S, F_g)    float32   observation["global"]: `cache_core.features` global columns
+    actions        (S, B)      int64     the action taken, in the manifest's action_mode (binary: 1 = refresh;
+                                         depth: 0 = reuse, j = refresh the top j layers); 0 on padded rows
+    oracle_drift   (S, B, L)   float32   relative K/V drift of the cache from a full recompute in that state
+                                         (never computed = drift_cap, padded rows 0): the supervised labels
+    reward         (S,)        float32   the environment's reward of the step (end-of-episode terms included)
+    kl             (S,)        float32   KL(full || cached) of the decoding block's predictions
+    flip           (S,)        float32   1 if a committed token differs from the full recompute's prediction
+    flop_fraction  (S,)        float32   step FLOPs / FLOPs of a full recompute of the step
+    episode        (S,)        int64     episode index (global across shards)
+    step           (S,)        int64     denoising step within the episode
+    done           (S,)        bool      last step of its episode
+    prompt_index   (S,)        int64     index of the prompt in the collection split
+    behaviour      (S,)        int64     index into manifest["behaviour"]["components"] of the episode's policy
+    random_action  (S,)        bool      the step's action was the behaviour's random action, not the policy's
+
+Each shard's safetensors metadata repeats `format_version` and `schema_id`. manifest.json keys: format_version,
+schema_id (`cache_core.features.SCHEMA_ID`), n_layers, max_blocks, n_block_features, n_global_features,
+block_feature_names, global_feature_names, action_mode, split, episodes, rows, shards ([{file, rows}]), behaviour
+(the behaviour policy config and its component list), env (the environment's settings), episode_summary (per
+episode: prompt, behaviour, knob, steps, flop fraction, exact match, agreement), complete, created.
+
+`load_shards(directory)` checks the format version and the feature schema and refuses data of another version or
+schema (features are not comparable across schemas: re-collect).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+# key -> (dtype, trailing shape names); a row holds one entry of each.
+COLUMNS: dict[str, tuple[torch.dtype, tuple[str, ...]]] = {
+    "blocks": (torch.float32, ("max_blocks", "n_block_features")),
+    "block_mask": (torch.bool, ("max_blocks",)),
+    "global": (torch.float32, ("n_global_features",)),
+    "actions": (torch.int64, ("max_blocks",)),
+    "oracle_drift": (torch.float32, ("max_blocks", "n_layers")),
+    "reward": (torch.float32, ()),
+    "kl": (torch.float32, ()),
+    "flip": (torch.float32, ()),
+    "flop_fraction": (torch.float32, ()),
+    "episode": (torch.int64, ()),
+    "step": (torch.int64, ()),
+    "done": (torch.bool, ()),
+    "prompt_index": (torch.int64, ()),
+    "behaviour": (torch.int64, ()),
+    "random_action": (torch.bool, ()),
+}
+RECOLLECT = "re-collect the shards with `python train.py mode=collect`"
+
+
+class ShardFormatError(ValueError):
+    """A shard directory that cannot be read as this version's format and feature schema."""
+
+
+class ShardWriter:
+    """Buffers rows and writes a shard of `shard_size` rows at a time, keeping manifest.json up to date."""
+
+    def __init__(self, directory: str | Path, shard_size: int, manifest: dict[str, Any], overwrite: bool = False):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.directory = Path(directory)
+        if (self.directory / MANIFEST_FILE).exists():
+            if not overwrite:
+                raise FileExistsError(f"{self.directory} already holds shards: choose another output directory or "
+                                      "set collect.overwrite=true")
+            for old in self.directory.glob("shard-*.safetensors"):
+                old.unlink()
+            (self.directory / MANIFEST_FILE).unlink()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shard_size = int(shard_size)
+        self.manifest = {
+            "format_version": SHARD_FORMAT_VERSION, "schema_id": SCHEMA_ID, **manifest,
+            "episodes": 0, "rows": 0, "shards": [], "episode_summary": [], "complete": False,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        self._buffer: dict[str, list[Any]] = {k: [] for k in COLUMNS}
+
+    def add(self, row: dict[str, Any]) -> None:
+        missing = set(COLUMNS) - set(row)
+        if missing:
+            raise KeyError(f"row lacks {sorted(missing)}")
+        for key in COLUMNS:
+            self._buffer[key].append(row[key])
+        if len(self._buffer["reward"]) >= self.shard_size:
+            self.flush()
+
+    @property
+    def rows(self) -> int:
+        """Rows added so far (written and buffered)."""
+        return self.manifest["rows"] + len(self._buffer["reward"])
+
+    def end_episode(self, summary: dict[str, Any]) -> None:
+        self.manifest["episodes"] += 1
+        self.manifest["episode_summary"].append(summary)
+
+    def flush(self) -> None:
+        n = len(self._buffer["reward"])
+        if n == 0:
+            return
+        tensors = {}
+        for key, (dtype, _) in COLUMNS.items():
+            tensors[key] = torch.as_tensor(np.stack([np.asarray(v) for v in self._buffer[key]])).to(dtype).contiguous()
+        name = SHARD_PATTERN.format(len(self.manifest["shards"]))
+        save_file(tensors, self.directory / name,
+                  metadata={"format_version": str(SHARD_FORMAT_VERSION), "schema_id": SCHEMA_ID, "rows": str(n)})
+        self.manifest["shards"].append({"file": name, "rows": n})
+        self.manifest["rows"] += n
+        self._buffer = {k: [] for k in COLUMNS}
+        self._write_manifest()
+
+    def close(self) -> dict[str, Any]:
+        self.flush()
+        self.manifest["complete"] = True
+        self._write_manifest()
+        return self.manifest
+
+    def _write_manifest(self) -> None:
+        tmp = self.directory / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=1, default=_jsonable))
+        tmp.replace(self.directory / MANIFEST_FILE)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x.tolist()
+    return str(x)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a shard directory, with its format version and feature schema checked."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise ShardFormatError(f"{directory}: no {MANIFEST_FILE}, so this is not a shard directory; {RECOLLECT}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardFormatError(f"{path} is corrupt ({err}); {RECOLLECT}") from err
+    if not isinstance(manifest, dict):
+        raise ShardFormatError(f"{path} is corrupt (not a JSON object); {RECOLLECT}")
+    version = manifest.get("format_version")
+    if version != SHARD_FORMAT_VERSION:
+        raise ShardFormatError(
+            f"{directory}: shard format version {version!r}, but this code reads version {SHARD_FORMAT_VERSION}; "
+            f"{RECOLLECT}"
+        )
+    schema = manifest.get("schema_id")
+    if schema != SCHEMA_ID:
+        raise ShardFormatError(
+            f"{directory}: the shards were collected under feature schema {schema!r}, but cache_core.features now "
+            f"has schema {SCHEMA_ID!r}; features of different schemas are not comparable: {RECOLLECT}"
+        )
+    for key in ("n_layers", "max_blocks", "shards", "action_mode"):
+        if key not in manifest:
+            raise ShardFormatError(f"{path} lacks {key!r} (corrupt or hand-edited); {RECOLLECT}")
+    if not manifest.get("complete", False):
+        log.warning("%s: the collection did not finish (complete=false); loading the %d rows written",
+                    directory, manifest.get("rows", 0))
+    return manifest
+
+
+def load_shards(directory: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """All rows of a shard directory, concatenated: {key: tensor} (see the module docstring for keys and shapes).
+
+    Raises ShardFormatError on another format version or feature schema, a corrupt manifest, a missing or corrupt
+    shard, or tensors whose shapes do not match the manifest.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    keys = list(COLUMNS) if keys is None else list(keys)
+    unknown = set(keys) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"unknown shard keys {sorted(unknown)}; known: {list(COLUMNS)}")
+    dims = {"max_blocks": manifest["max_blocks"], "n_layers": manifest["n_layers"],
+            "n_block_features": manifest.get("n_block_features", N_BLOCK_FEATURES),
+            "n_global_features": manifest.get("n_global_features", N_GLOBAL_FEATURES)}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    for entry in manifest["shards"]:
+        path = directory / entry["file"]
+        if not path.is_file():
+            raise ShardFormatError(f"{path} is listed in the manifest but missing; {RECOLLECT}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format_version") != str(SHARD_FORMAT_VERSION) or meta.get("schema_id") != SCHEMA_ID:
+                    raise ShardFormatError(
+                        f"{path}: shard format version {meta.get('format_version')!r} / schema "
+                        f"{meta.get('schema_id')!r} differ from this code's version {SHARD_FORMAT_VERSION} / schema "
+                        f"{SCHEMA_ID!r}; {RECOLLECT}"
+                    )
+                for key in keys:
+                    if key not in f.keys():
+                        raise ShardFormatError(f"{path} lacks tensor {key!r}; {RECOLLECT}")
+                    t = f.get_tensor(key)
+                    dtype, names = COLUMNS[key]
+                    expected = (entry["rows"], *(dims[n] for n in names))
+                    if tuple(t.shape) != expected or t.dtype != dtype:
+                        raise ShardFormatError(f"{path}: {key} has shape {tuple(t.shape)} {t.dtype}, the manifest "
+                                               f"implies {expected} {dtype}; {RECOLLECT}")
+                    parts[key].append(t)
+        except (SafetensorError, OSError) as err:
+            raise ShardFormatError(f"{path} is corrupt or truncated ({err}); {RECOLLECT}") from err
+    out = {}
+    for key in keys:
+        if parts[key]:
+            out[key] = torch.cat(parts[key])
+        else:
+            dtype, names = COLUMNS[key]
+            out[key] = torch.zeros((0, *(dims[n] for n in names)), dtype=dtype)
+    return out

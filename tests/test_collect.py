@@ -1,0 +1,241 @@
+"""Rollout collection and dataset shards: round trip, manifest, format/schema checks, behaviour configs, Hydra run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID
+from envs.block_reuse_env import BlockReuseEnv
+from envs.collect import BehaviourPolicy, collect
+from envs.shards import COLUMNS, MANIFEST_FILE, SHARD_FORMAT_VERSION, ShardFormatError, load_shards, read_manifest
+from envs.testing import save_tiny_checkpoint, tiny_env_kwargs
+
+REPO = Path(__file__).resolve().parents[1]
+BEHAVIOUR = {
+    "random_prob": 0.3,
+    "random_scope": "step",
+    "policies": [
+        {"name": "dual_cache", "values": [2, None]},
+        {"name": "elastic_cache", "values": [0.9]},
+        {"name": "confidence", "values": [0.9, 0.5]},
+        {"name": "dllm_cache", "values": [2]},
+        {"name": "oracle", "values": [0.05]},
+        {"name": "full", "weight": 0.5},
+    ],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def settings(tmp_path, **overrides):
+    s = {"episodes": 5, "shard_size": 12, "output_dir": str(tmp_path / "shards"), "seed": 0, "progress_bar": False,
+         "behaviour": BEHAVIOUR}
+    s.update(overrides)
+    return s
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("collect")
+    env = BlockReuseEnv(**tiny_env_kwargs(action_mode="depth"))
+    result = collect(env, settings(tmp))
+    return env, result, Path(result["output_dir"])
+
+
+def test_round_trip(collected):
+    env, result, directory = collected
+    data = load_shards(directory)
+    assert set(data) == set(COLUMNS)
+    S, B, L = result["rows"], env.max_blocks, env.n_layers
+    assert S == 5 * env.steps and result["episodes"] == 5
+    assert result["shards"] == -(-S // 12) and len(list(directory.glob("shard-*.safetensors"))) == result["shards"]
+    shapes = {"blocks": (S, B, N_BLOCK_FEATURES), "block_mask": (S, B), "global": (S, N_GLOBAL_FEATURES),
+              "actions": (S, B), "oracle_drift": (S, B, L), "reward": (S,), "kl": (S,), "flip": (S,),
+              "flop_fraction": (S,), "episode": (S,), "step": (S,)}
+    for key, shape in shapes.items():
+        assert tuple(data[key].shape) == shape, key
+    assert data["blocks"].dtype == torch.float32 and data["actions"].dtype == torch.int64
+    assert data["block_mask"].dtype == torch.bool and data["episode"].dtype == torch.int64
+    for key in ("blocks", "global", "oracle_drift", "reward", "kl", "flip", "flop_fraction"):
+        assert torch.isfinite(data[key]).all(), key
+    # Episodes and steps are contiguous; done marks each episode's last row.
+    assert data["episode"].tolist() == [e for e in range(5) for _ in range(env.steps)]
+    assert data["step"].tolist() == list(range(env.steps)) * 5
+    assert data["done"].sum() == 5 and data["done"][env.steps - 1::env.steps].all()
+    # Padded rows: zero features, zero actions, zero labels.
+    pad = ~data["block_mask"]
+    assert pad.any(), "tiny prompts leave padded block rows"
+    assert not data["blocks"][pad].any() and not data["actions"][pad].any() and not data["oracle_drift"][pad].any()
+    assert data["actions"].min() >= 0 and data["actions"].max() <= L
+    assert data["random_action"].any() and not data["random_action"].all()
+    assert data["prompt_index"].tolist()[:: env.steps] == [e % len(env.prompts) for e in range(5)]
+
+
+def test_manifest(collected):
+    env, result, directory = collected
+    manifest = read_manifest(directory)
+    assert manifest["format_version"] == SHARD_FORMAT_VERSION and manifest["schema_id"] == SCHEMA_ID
+    assert manifest["n_layers"] == env.n_layers and manifest["max_blocks"] == env.max_blocks
+    assert manifest["action_mode"] == "depth" and manifest["episodes"] == 5 and manifest["complete"] is True
+    assert manifest["split"] == env.prompts.split and manifest["rows"] == result["rows"]
+    assert manifest["behaviour"]["random_prob"] == 0.3
+    components = manifest["behaviour"]["components"]
+    assert [c["name"] for c in components][:2] == ["dual_cache", "dual_cache"]
+    oracle = [c for c in components if c["name"] == "oracle"][0]
+    assert oracle["knobs"]["depth"] is True  # depth action mode -> depth oracle
+    assert len(manifest["episode_summary"]) == 5
+    assert manifest["env"]["gen_length"] == env.gen_length
+    data = load_shards(directory, keys=["behaviour"])
+    assert set(data) == {"behaviour"} and data["behaviour"].max() < len(components)
+
+
+def test_rows_replay_in_the_env(collected, tmp_path):
+    """Replaying the recorded actions of an episode reproduces its observations, labels and rewards."""
+    env, _, directory = collected
+    data = load_shards(directory)
+    rows = (data["episode"] == 0).nonzero().flatten()
+    obs, _ = env.reset(seed=0, options={"prompt_index": int(data["prompt_index"][rows[0]])})
+    for r in rows.tolist():
+        np.testing.assert_allclose(obs["blocks"], data["blocks"][r].numpy(), atol=1e-6)
+        obs, reward, _, _, info = env.step(data["actions"][r].numpy())
+        np.testing.assert_allclose(info["oracle_drift"], data["oracle_drift"][r].numpy(), rtol=1e-5)
+        assert reward == pytest.approx(float(data["reward"][r]), rel=1e-5, abs=1e-6)
+
+
+def test_binary_random_only_collection(tmp_path):
+    env = BlockReuseEnv(**tiny_env_kwargs())
+    result = collect(env, settings(tmp_path, episodes=2, shard_size=1000,
+                                   behaviour={"random_prob": 1.0, "policies": []}))
+    data = load_shards(result["output_dir"])
+    assert result["shards"] == 1 and data["random_action"].all()
+    assert set(data["actions"].unique().tolist()) <= {0, 1}
+    assert (data["behaviour"] == -1).all()
+
+
+def test_episode_scope_random(tmp_path):
+    env = BlockReuseEnv(**tiny_env_kwargs())
+    result = collect(env, settings(tmp_path, episodes=6, behaviour={
+        "random_prob": 0.5, "random_scope": "episode", "policies": [{"name": "dual_cache"}]}))
+    data = load_shards(result["output_dir"])
+    per_episode = data["random_action"].view(6, env.steps)
+    assert (per_episode.all(1) | ~per_episode.any(1)).all()  # whole episodes are random or not
+
+
+# --- format and schema errors ------------------------------------------------------------------------------------
+
+def copy_shards(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def edit_manifest(directory: Path, **changes):
+    path = directory / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def test_version_mismatch(collected, tmp_path):
+    d = copy_shards(collected[2], tmp_path / "v")
+    edit_manifest(d, format_version=99)
+    with pytest.raises(ShardFormatError, match=r"99.*version 1.*re-collect"):
+        load_shards(d)
+
+
+def test_schema_mismatch(collected, tmp_path):
+    d = copy_shards(collected[2], tmp_path / "s")
+    edit_manifest(d, schema_id="v0:old,columns|x")
+    with pytest.raises(ShardFormatError) as err:
+        load_shards(d)
+    message = str(err.value)
+    assert "v0:old,columns|x" in message and SCHEMA_ID in message and "re-collect" in message
+
+
+@pytest.mark.parametrize("damage", ["garbage_manifest", "no_manifest", "missing_shard", "truncated_shard",
+                                    "wrong_shape", "list_manifest"])
+def test_corrupt_directories(collected, tmp_path, damage):
+    d = copy_shards(collected[2], tmp_path / damage)
+    shard = d / "shard-00000.safetensors"
+    if damage == "garbage_manifest":
+        (d / MANIFEST_FILE).write_text("{not json")
+    elif damage == "list_manifest":
+        (d / MANIFEST_FILE).write_text("[1, 2]")
+    elif damage == "no_manifest":
+        (d / MANIFEST_FILE).unlink()
+    elif damage == "missing_shard":
+        shard.unlink()
+    elif damage == "truncated_shard":
+        shard.write_bytes(shard.read_bytes()[:200])
+    elif damage == "wrong_shape":
+        edit_manifest(d, max_blocks=collected[0].max_blocks + 1)
+    with pytest.raises(ShardFormatError, match="re-collect"):
+        load_shards(d)
+
+
+def test_writer_refuses_existing_directory(collected):
+    env, _, directory = collected
+    with pytest.raises(FileExistsError, match="overwrite"):
+        collect(env, {"episodes": 1, "output_dir": str(directory), "progress_bar": False, "behaviour": BEHAVIOUR})
+
+
+@pytest.mark.parametrize("behaviour,match", [
+    ({"random_prob": 1.5, "policies": []}, "random_prob"),
+    ({"random_scope": "block", "policies": [{"name": "full"}]}, "random_scope"),
+    ({"random_prob": 0.1, "policies": []}, "empty"),
+    ({"policies": [{"name": "no_such_policy"}]}, "unknown policy"),
+    ({"policies": [{"name": "full", "values": [1]}]}, "no knob"),
+    ({"policies": [{"name": "dual_cache", "values": [0]}]}, "refresh_interval"),
+    ({"policies": [{"name": "full", "colour": "red"}]}, "unknown keys"),
+])
+def test_bad_behaviour(behaviour, match):
+    env = BlockReuseEnv(**tiny_env_kwargs())
+    with pytest.raises(ValueError, match=match):
+        BehaviourPolicy(behaviour, env, seed=0)
+
+
+# --- the Hydra entry point -----------------------------------------------------------------------------------------
+
+def test_run_from_hydra_config(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from envs import collect as collect_module
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    overrides = [f"env.model_path={ckpt}", "generation.gen_length=32", "generation.steps=4"]
+    collect_overrides = ["collect.episodes=2", "collect.n_prompts=2", "collect.shard_size=3",
+                         f"collect.output_dir={tmp_path / 'out'}", "collect.progress_bar=false",
+                         "collect.num_threads=1"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        try:
+            cfg = compose("config", overrides=overrides + collect_overrides)
+        except Exception:  # conf/config.yaml does not list the collect group yet: add it from conf/collect/
+            cfg = compose("config", overrides=overrides + ["+collect=default"] + collect_overrides)
+    result = collect_module.run(cfg)
+    assert result["episodes"] == 2 and result["rows"] == 8 and result["shards"] == 3
+    manifest = read_manifest(result["output_dir"])
+    assert manifest["split"] == "train" and manifest["env"]["prompts"]["source"] == "TaskSuitePromptSet"
+    assert load_shards(result["output_dir"])["blocks"].shape[1] == manifest["max_blocks"]
+
+
+def test_collect_config_falls_back_to_conf_collect():
+    from omegaconf import OmegaConf
+
+    from envs.collect import collect_config
+
+    cfg = OmegaConf.create({"seed": 3, "paths": {"output": "/tmp/run"}, "env": {}})
+    ccfg = collect_config(cfg)
+    assert ccfg.split == "train" and ccfg.seed == 3 and ccfg.output_dir == "/tmp/run/shards"
+    assert {p["name"] for p in ccfg.behaviour.policies} >= {"dual_cache", "oracle", "elastic_cache"}

@@ -1,0 +1,55 @@
+"""The environment benchmark: its measurements on a tiny model (fast) and the full mode (slow: starts workers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from envs import benchmark
+from envs.block_reuse_env import BlockReuseEnv
+from envs.testing import save_tiny_checkpoint, tiny_env_kwargs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_single_env_rate_and_overhead():
+    env = BlockReuseEnv(**tiny_env_kwargs())
+    single = benchmark.single_env_rate(env, steps=20)
+    assert single["steps"] == 20 and single["steps_per_s"] > 0 and 0 < single["shadow_share"] < 1
+    over = benchmark.overhead(env, "dual_cache", {})
+    assert over["prompts"] == len(env.prompts) and over["steps"] == len(env.prompts) * env.steps
+    assert over["tokens_match_generate"] == f"{len(env.prompts)}/{len(env.prompts)}"  # one code path
+    assert over["overhead_ratio"] > over["overhead_ratio_without_shadow"] > 0
+    assert "overhead ratio" in benchmark.format_table({
+        "model": "tiny", "max_blocks": env.max_blocks, "n_layers": env.n_layers, "steps": env.steps,
+        "action_mode": "binary", "torch_threads": 1, "single_env": single, "overhead": over,
+        "vec_env": {"n_envs": 2, "steps_per_s": 1.0, "startup_s": 1.0}})
+
+
+def test_unknown_setting_is_refused():
+    cfg = OmegaConf.create({"env_benchmark": {"n_env": 2}})
+    with pytest.raises(ValueError, match="n_envs"):
+        benchmark._settings(cfg)
+
+
+@pytest.mark.slow
+def test_full_benchmark_mode(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    cfg = OmegaConf.create({
+        "env": {"_target_": "envs.block_reuse_env.BlockReuseEnv", "model_path": str(ckpt), "gen_length": 32,
+                "block_length": 16, "steps": 4, "max_prompt_length": 160},
+        "env_benchmark": {"single_steps": 8, "vec_steps": 4, "n_prompts": 2, "output": str(tmp_path / "b.json")},
+    })
+    result = benchmark.run(cfg)
+    saved = json.loads(Path(tmp_path / "b.json").read_text())
+    assert saved["vec_env"]["n_envs"] == 2 and result["overhead"]["tokens_match_generate"] == "2/2"
