@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,6 @@ from envs.block_reuse_env import BlockReuseEnv
 from envs.shards import SHARD_FORMAT_VERSION, ShardWriter
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RANDOM_SCOPES = ("step", "episode")
 
 
@@ -196,14 +194,11 @@ def collect(env: BlockReuseEnv, settings: dict[str, Any] | DictConfig) -> dict[s
 
 
 def collect_config(cfg: DictConfig) -> DictConfig:
-    """cfg.collect, or conf/collect/default.yaml when the root config does not list the `collect` group."""
-    if "collect" in cfg and cfg.collect is not None:
-        return cfg.collect
-    log.warning("config has no 'collect' group; reading conf/collect/default.yaml (add `- optional collect: default` "
-                "to conf/config.yaml's defaults)")
-    merged = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    merged.collect = OmegaConf.load(REPO_ROOT / "conf" / "collect" / "default.yaml")
-    return merged.collect
+    """cfg.collect (conf/collect/default.yaml), with a clear error when the group is missing."""
+    if "collect" not in cfg or cfg.collect is None:
+        raise KeyError("config has no 'collect' group; expected conf/collect/default.yaml (defaults: `- optional "
+                       "collect: default`)")
+    return cfg.collect
 
 
 def make_env(cfg: DictConfig, **overrides: Any) -> BlockReuseEnv:

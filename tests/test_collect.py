@@ -230,12 +230,16 @@ def test_run_from_hydra_config(tmp_path):
     assert load_shards(result["output_dir"])["blocks"].shape[1] == manifest["max_blocks"]
 
 
-def test_collect_config_falls_back_to_conf_collect():
+def test_collect_config_composes_and_missing_group_is_named():
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from envs.collect import collect_config
 
-    cfg = OmegaConf.create({"seed": 3, "paths": {"output": "/tmp/run"}, "env": {}})
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["mode=collect", "seed=3"])
     ccfg = collect_config(cfg)
-    assert ccfg.split == "train" and ccfg.seed == 3 and ccfg.output_dir == "/tmp/run/shards"
+    assert ccfg.split == "train" and ccfg.seed == 3
     assert {p["name"] for p in ccfg.behaviour.policies} >= {"dual_cache", "oracle", "elastic_cache"}
+    with pytest.raises(KeyError, match="no 'collect' group"):
+        collect_config(OmegaConf.create({"seed": 3, "env": {}}))
