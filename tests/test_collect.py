@@ -30,14 +30,6 @@ BEHAVIOUR = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def settings(tmp_path, **overrides):
     s = {"episodes": 5, "shard_size": 12, "output_dir": str(tmp_path / "shards"), "seed": 0, "progress_bar": False,
          "behaviour": BEHAVIOUR}

@@ -20,15 +20,6 @@ from envs.testing import EOS_ID, random_pairs, save_tiny_checkpoint, tiny_env_kw
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is fastest and keeps a shared CPU responsive.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_episode(env, seed=0, actions=None, options=None):
     """Play one episode; actions: None = seeded random, or a callable(env) -> action."""
     obs, info = env.reset(seed=seed, options=options)
