@@ -216,14 +216,20 @@ def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_len
     was_training = model.training
     model.eval()
     hits: dict[str, list[bool]] = {}
+    chars, n_chars = 0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         tokens = _decode(model, [tok.encode(e.prompt) for e in chunk], tok, gen_length, block_length, steps)
         for e, row in zip(chunk, tokens.tolist()):
-            hits.setdefault(e.task, []).append(score(tok.decode(row), e))
+            text = tok.decode(row)
+            hits.setdefault(e.task, []).append(score(text, e))
+            # Per-character accuracy: progress is visible (and comparable) long before whole answers match.
+            chars += sum(a == b for a, b in zip(text, e.answer))
+            n_chars += len(e.answer)
     model.train(was_training)
     result = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
     result["all"] = sum(sum(h) for h in hits.values()) / max(1, len(examples))
+    result["char_accuracy"] = chars / max(1, n_chars)
     return result
 
 
@@ -238,6 +244,7 @@ class ProgressAndEval(L.Callback):
     def __init__(self, tok: Tokenizer, val: list[Example], pcfg: DictConfig, out_dir: Path, extra: dict[str, Any]):
         self.tok, self.val, self.pcfg, self.out_dir, self.extra = tok, val, pcfg, out_dir, extra
         self.best = -1.0
+        self.best_key: tuple[float, float] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_step = 0
         self.history: list[dict[str, Any]] = []
@@ -265,7 +272,10 @@ class ProgressAndEval(L.Callback):
         metrics = evaluate(model, self.tok, self.val, steps=self.pcfg.eval_steps)
         self.history.append({"step": step, **metrics})
         log.info("eval step %d: %s (%.0fs)", step, _fmt(metrics), time.time() - t0)
-        if metrics["all"] > self.best:
+        # Best = exact match, ties broken by character accuracy, then by the later step.
+        key = (metrics["all"], metrics["char_accuracy"])
+        if self.best_key is None or key >= self.best_key:
+            self.best_key = key
             self.best, self.best_step = metrics["all"], step
             self.best_state = copy.deepcopy(model.state_dict())
             save_checkpoint(model, self.out_dir, tokenizer=self.tok,
@@ -288,11 +298,13 @@ def model_config_from(cfg_model: DictConfig | dict, tok: Tokenizer) -> ModelConf
     return ModelConfig(**fields)
 
 
+def _resolve(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path  # independent of Hydra's working directory
+
+
 def _output_dir(pcfg: DictConfig) -> Path:
-    root = Path(pcfg.output_dir)
-    if not root.is_absolute():
-        root = REPO_ROOT / root  # independent of Hydra's working directory
-    return root / pcfg.name
+    return _resolve(pcfg.output_dir) / pcfg.name
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -317,6 +329,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          warmup_steps=int(pcfg.warmup_steps), max_steps=int(pcfg.steps),
                          min_lr_ratio=float(pcfg.min_lr_ratio), eps=float(pcfg.eps),
                          max_seconds=float(pcfg.max_minutes) * 60 if pcfg.max_minutes else None)
+    if pcfg.get("init_from"):
+        # Continue from a saved checkpoint (same architecture), e.g. to train a stopped run further.
+        from cache_core.checkpoint import load_model
+
+        init = load_model(_resolve(pcfg.init_from))
+        if init.config != model_cfg:
+            raise ValueError(f"init_from={pcfg.init_from} has config {init.config}, but the model group asks for "
+                             f"{model_cfg}; make them match")
+        module.model.load_state_dict(init.state_dict())
+        log.info("initialised from %s", pcfg.init_from)
     n_params = sum(p.numel() for p in module.model.parameters())
     log.info("pretraining %s: %s, %.2fM parameters -> %s", pcfg.name, model_cfg, n_params / 1e6, out_dir)
     callback = ProgressAndEval(tok, val, pcfg, out_dir, extra)

@@ -2,9 +2,12 @@
 
 Every task writes answers whose later tokens are a function of earlier *answer* tokens, so a stale KV cache of a
 freshly decoded block can change what follows:
-- chain:  a letter->letter table; the answer follows the chain from a start letter (x_{i+1} = table[x_i]).
-- runsum: a digit list; the answer is the running sum mod 10 (s_i = s_{i-1} + d_i).
-- arith:  a start digit and a list of operations mod 10; the answer writes every intermediate value.
+- chain:  a letter->letter table (a cyclic shift of 1-3 letters); the answer follows the chain from a start letter
+          (x_{i+1} = table[x_i]).
+- runsum: a list of digits 0-2; the answer is the running sum mod 10 (s_i = s_{i-1} + d_i).
+- arith:  a start digit and a list of operations (+-1..3, *1) mod 10; the answer writes every intermediate value.
+Steps are small on purpose: the previous answer token narrows the next one, which is what lets a small model learn
+these on a CPU budget (uniformly random tables/digits left it on a loss plateau: nothing to learn from piecewise).
 
 Each prompt holds one solved example of the same task, then the query. Layouts are fixed per task (prompt lengths of
 100+ tokens, answers of 20-40 tokens, i.e. 2-3 decoding blocks of 16 inside the 64 generated positions).
@@ -28,8 +31,12 @@ SPLITS = ("train", "validation", "test")
 _BUCKETS = 1000
 _SPLIT_BUCKETS = {"test": range(0, 100), "validation": range(100, 200), "train": range(200, _BUCKETS)}
 
-CHAIN_LETTERS = "abcdefghijklmnop"
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+CHAIN_TABLE_SIZE = 16
 CHAIN_LENGTH = 40
+CHAIN_MAX_SHIFT = 3
+RUNSUM_DIGITS = "012"  # small steps: the previous sum narrows the next one (same reason as the chain shift)
+ARITH_OPS = ("+1", "+2", "+3", "-1", "-2", "-3", "*1")
 RUNSUM_LENGTH = 32
 ARITH_STEPS = 20
 
@@ -51,13 +58,14 @@ class _Instance:
 # --- chain ------------------------------------------------------------------------------------------------------
 
 def _chain_table(rng: random.Random) -> dict[str, str]:
-    # A permutation without fixed points: a chain never gets stuck repeating one letter.
-    letters = list(CHAIN_LETTERS)
-    while True:
-        values = letters[:]
-        rng.shuffle(values)
-        if all(k != v for k, v in zip(letters, values)):
-            return dict(zip(letters, values))
+    # 16 letters drawn from a-z, listed in alphabetical order, each mapped to the listed letter 1-3 places later
+    # (cyclically): a permutation without fixed points. Why this structure and not a uniformly random permutation:
+    # with a random table nothing but a two-step lookup predicts the next letter, and a small model trained on a CPU
+    # budget sat on that loss plateau; here the previous answer letter already narrows the next one (a later letter),
+    # which gives the gradient a foothold. The answer still follows the chain through the table in the prompt.
+    letters = sorted(rng.sample(ALPHABET, CHAIN_TABLE_SIZE))
+    shift = rng.randint(1, CHAIN_MAX_SHIFT)
+    return {c: letters[(i + shift) % len(letters)] for i, c in enumerate(letters)}
 
 
 def chain_answer(table: dict[str, str], start: str, length: int = CHAIN_LENGTH) -> str:
@@ -71,8 +79,8 @@ def chain_answer(table: dict[str, str], start: str, length: int = CHAIN_LENGTH) 
 def _chain_prompt(rng: random.Random, draw_instance: Callable[[random.Random], tuple[dict[str, str], str]]
                   ) -> tuple[_Instance, str]:
     table, start = draw_instance(rng)
-    shot_start = rng.choice([c for c in CHAIN_LETTERS if c != start])
-    table_text = " ".join(k + table[k] for k in CHAIN_LETTERS)  # "ab cd ...": key then value
+    shot_start = rng.choice([c for c in table if c != start])
+    table_text = " ".join(k + v for k, v in table.items())  # "ab cd ...": key then value, keys sorted
     header = f"chain table: {table_text}\n"
     shot = f"from {shot_start}: {chain_answer(table, shot_start)}\n"
     query = f"from {start}:"
@@ -81,7 +89,11 @@ def _chain_prompt(rng: random.Random, draw_instance: Callable[[random.Random], t
 
 
 def _chain(rng: random.Random) -> tuple[_Instance, str]:
-    return _chain_prompt(rng, lambda r: (_chain_table(r), r.choice(CHAIN_LETTERS)))
+    def draw(r: random.Random) -> tuple[dict[str, str], str]:
+        table = _chain_table(r)
+        return table, r.choice(list(table))
+
+    return _chain_prompt(rng, draw)
 
 
 def parse_chain(prompt: str) -> tuple[dict[str, str], str]:
@@ -103,7 +115,7 @@ def runsum_answer(digits: str) -> str:
 
 def _runsum(rng: random.Random) -> tuple[_Instance, str]:
     def draw() -> str:
-        return "".join(rng.choice("0123456789") for _ in range(RUNSUM_LENGTH))
+        return "".join(rng.choice(RUNSUM_DIGITS) for _ in range(RUNSUM_LENGTH))
 
     digits, shot = draw(), draw()
     header = "running sum mod 10\n"
@@ -127,7 +139,7 @@ def arith_answer(start: int, ops: str) -> str:
 
 def _arith(rng: random.Random) -> tuple[_Instance, str]:
     def draw() -> tuple[int, str]:
-        return rng.randrange(10), "".join(rng.choice("+-*") + rng.choice("0123456789") for _ in range(ARITH_STEPS))
+        return rng.randrange(10), "".join(rng.choice(ARITH_OPS) for _ in range(ARITH_STEPS))
 
     (start, ops), (shot_start, shot_ops) = draw(), draw()
     header = "arithmetic mod 10\n"
@@ -173,10 +185,15 @@ class TaskSuite:
         # One seed stream per (seed, split, task, stream); string seeds hash stably across runs and platforms.
         rng = random.Random(f"blockreuse/{self.seed}/{split}/{task}/{stream}")
         seen: set[str] = set()
+        misses = 0
         while True:
             inst, prompt = _GENERATORS[task](rng)
             if split_of(inst.key) != split or inst.key in seen:
+                misses += 1
+                if misses > 100_000:  # a task with few distinct instances would otherwise loop forever
+                    raise RuntimeError(f"task {task!r} ran out of new {split} instances after {len(seen)}")
                 continue
+            misses = 0
             seen.add(inst.key)
             yield Example(task=task, prompt=prompt, answer=inst.answer)
 

@@ -1,0 +1,112 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cache_core.checkpoint import load_model, load_tokenizer
+from cache_core.model import LLaDAModel, ModelConfig
+from cache_core.pretrain import (
+    answer_targets,
+    collate,
+    decode_no_cache,
+    diffusion_loss,
+    left_pad,
+    model_config_from,
+    run,
+    standalone_config,
+)
+from cache_core.tasks import GEN_LENGTH, Example, TaskSuite
+from cache_core.tokenizer import Tokenizer
+
+TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "mlp_hidden_size": 64}
+
+
+def test_left_pad_positions_start_at_first_real_token():
+    ids, key_mask, positions = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert key_mask.tolist() == [[True, True, True], [False, False, True]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+    with pytest.raises(ValueError, match="empty"):
+        left_pad([[1], []], pad_id=0)
+
+
+def test_collate_layout():
+    tok = Tokenizer()
+    exs = [Example("t", "abcd", "xy"), Example("t", "ab", "z")]
+    batch = collate(exs, tok)
+    assert batch["input_ids"].shape == (2, 4 + GEN_LENGTH)
+    assert tok.decode(batch["targets"][0].tolist()) == "xy"
+    assert batch["targets"][1, 1:].eq(tok.eos_token_id).all()  # answer then EOS filling
+    assert batch["positions"][1, 2:4].tolist() == [0, 1]
+    assert batch["positions"][1, 4].item() == 2  # generation continues the prompt's positions
+    assert batch["key_mask"][1, :2].tolist() == [False, False]
+    with pytest.raises(ValueError, match="no room for EOS"):
+        answer_targets([3] * GEN_LENGTH, tok.eos_token_id)
+
+
+def test_diffusion_loss_masks_only_the_generation_region():
+    tok = Tokenizer()
+    model = LLaDAModel(ModelConfig(vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id, **TINY))
+    batch = collate(TaskSuite().split("train", 3), tok)
+    seen = []
+    original = model.forward
+
+    def spy(ids, **kw):
+        seen.append(ids.clone())
+        return original(ids, **kw)
+
+    model.forward = spy
+    loss = diffusion_loss(model, batch, tok.mask_token_id, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss > 0
+    noisy = seen[0]
+    G = batch["targets"].shape[1]
+    assert torch.equal(noisy[:, :-G], batch["input_ids"][:, :-G])  # the prompt stays visible
+    assert (noisy[:, -G:] == tok.mask_token_id).any()
+    loss.backward()
+    assert model.transformer["wte"].weight.grad is not None
+
+
+def test_model_config_from_fills_tokenizer_ids():
+    tok = Tokenizer()
+    cfg = model_config_from({"vocab_size": None, "mask_token_id": None, **TINY, "checkpoint": "ignored"}, tok)
+    assert (cfg.vocab_size, cfg.mask_token_id) == (tok.vocab_size, tok.mask_token_id)
+    with pytest.raises(ValueError, match="do not fit the tokenizer"):
+        model_config_from({"vocab_size": 10, "mask_token_id": 1, **TINY}, tok)
+
+
+def test_private_decode_matches_generate():
+    generate = pytest.importorskip("cache_core.generate").generate
+    tok = Tokenizer()
+    torch.manual_seed(0)
+    model = LLaDAModel(ModelConfig(vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id, **TINY)).eval()
+    prompts = [tok.encode(e.prompt) for e in TaskSuite().split("test", 2)]
+    ours = decode_no_cache(model, prompts, tok.pad_token_id, steps=8)
+    theirs = generate(model, prompts, gen_length=GEN_LENGTH, block_length=16, steps=8).tokens
+    assert torch.equal(ours, theirs)
+
+
+def test_pretrain_smoke_run_writes_loadable_checkpoint(tmp_path):
+    cfg = standalone_config([f"model.{k}={v}" for k, v in TINY.items()] + [
+        "pretrain.steps=4", "pretrain.batch_size=4", "pretrain.warmup_steps=2", "pretrain.eval_every=2",
+        "pretrain.eval_examples=3", "pretrain.test_examples=3", "pretrain.eval_steps=4", "pretrain.log_every=1",
+        f"pretrain.output_dir={tmp_path}", "pretrain.name=tiny", "pretrain.max_minutes=5",
+    ])
+    result = run(cfg)
+    out = tmp_path / "tiny"
+    assert result["steps"] == 4
+    assert set(result["test_exact_match"]) == {"chain", "runsum", "arith", "all", "char_accuracy"}
+    assert [h["step"] for h in result["history"]] == [2, 4]
+    model = load_model(out)
+    assert model.config.d_model == 32 and model.config.n_kv_heads == 1
+    assert load_tokenizer(out).vocab == Tokenizer().vocab
+    extra = json.loads((out / "config.json").read_text())["blockreuse"]
+    assert extra["task"]["tasks"] == ["chain", "runsum", "arith"]
+    assert extra["steps"] == 4
+    assert result["checkpoint_bytes"] < 20e6
+
+
+def test_importing_cache_core_does_not_load_lightning():
+    code = "import sys, cache_core, cache_core.tasks, cache_core.tokenizer; assert 'lightning' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,113 @@
+import pytest
+
+from cache_core.tasks import (
+    BLOCK_LENGTH,
+    GEN_LENGTH,
+    TASK_NAMES,
+    Example,
+    TaskSuite,
+    arith_answer,
+    chain_answer,
+    parse_chain,
+    runsum_answer,
+    score,
+    split_of,
+)
+from cache_core.tokenizer import Tokenizer
+
+
+def test_constants_and_names():
+    assert (GEN_LENGTH, BLOCK_LENGTH) == (64, 16)
+    assert set(TASK_NAMES) == {"chain", "runsum", "arith"}
+
+
+def test_splits_are_deterministic_and_prefix_stable():
+    a = TaskSuite(seed=3).split("test", 12)
+    b = TaskSuite(seed=3).split("test", 12)
+    assert a == b
+    assert TaskSuite(seed=3).split("test", 5) == a[:5]
+    assert TaskSuite(seed=4).split("test", 12) != a
+
+
+def test_test_never_in_train_and_no_duplicates():
+    suite = TaskSuite()
+    train = suite.split("train", 900)
+    val = suite.split("validation", 150)
+    test = suite.split("test", 150)
+    prompts = {name: {e.prompt for e in exs} for name, exs in [("train", train), ("val", val), ("test", test)]}
+    assert len(prompts["test"]) == 150 and len(prompts["val"]) == 150  # deduplicated
+    assert not prompts["test"] & prompts["train"]
+    assert not prompts["val"] & prompts["train"]
+    assert not prompts["test"] & prompts["val"]
+    # Other training streams (e.g. data-loader workers) also stay inside train.
+    extra = {e.prompt for _, e in zip(range(300), suite.iterate("train", stream=7))}
+    assert not extra & prompts["test"]
+
+
+def test_split_of_partitions_keys():
+    names = [split_of(f"k{i}") for i in range(5000)]
+    assert 0.07 < names.count("test") / 5000 < 0.13
+    assert 0.07 < names.count("validation") / 5000 < 0.13
+
+
+def test_unknown_split_and_task_raise():
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        TaskSuite().split("dev", 3)
+    with pytest.raises(ValueError, match="unknown task"):
+        TaskSuite(["chain", "sort"])
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        TaskSuite().split("test", -1)
+
+
+def test_tasks_alternate_and_subset():
+    exs = TaskSuite().split("validation", 6)
+    assert [e.task for e in exs] == list(TASK_NAMES) * 2
+    assert {e.task for e in TaskSuite(["runsum"]).split("test", 4)} == {"runsum"}
+
+
+def test_lengths_fit_the_builtin_setting():
+    tok = Tokenizer()
+    for e in TaskSuite().split("test", 30):
+        assert len(tok.encode(e.prompt)) >= 100
+        assert 16 < len(e.answer) < GEN_LENGTH  # spans several blocks of 16, leaves room for EOS
+        assert e.prompt.count("\n") >= 2  # a solved example precedes the query
+
+
+def test_answers_depend_on_earlier_answer_tokens():
+    # chain: every answer letter is the table entry of the previous answer letter.
+    e = next(e for e in TaskSuite().split("test", 3) if e.task == "chain")
+    table, start = parse_chain(e.prompt)
+    assert e.answer == chain_answer(table, start)
+    assert e.answer[0] == table[start]
+    assert all(table[a] == b for a, b in zip(e.answer, e.answer[1:]))
+    # A wrong early token changes every later one: the chain from another letter differs at each position.
+    wrong = next(c for c in table if c != e.answer[0])
+    assert all(x != y for x, y in zip(chain_answer(table, wrong)[:10], e.answer[1:11]))
+    # runsum: s_i = s_{i-1} + d_i; changing one digit shifts every later sum.
+    assert runsum_answer("1234") == "1360"
+    assert runsum_answer("5234")[1:] != runsum_answer("1234")[1:]
+    # arith: intermediate values feed the next operation.
+    assert arith_answer(7, "+5*3-9") == "267"  # 12 -> 2, 2*3 = 6, 6-9 = -3 -> 7
+
+
+def test_prompt_contains_a_correct_solved_example():
+    for e in TaskSuite().split("train", 6):
+        lines = e.prompt.split("\n")
+        if e.task == "chain":
+            table, _ = parse_chain(e.prompt)
+            shot_start, shot_answer = lines[1].removeprefix("from ").split(": ")
+            assert shot_answer == chain_answer(table, shot_start)
+        elif e.task == "runsum":
+            assert lines[2] == "out " + runsum_answer(lines[1].removeprefix("in "))
+            assert e.answer == runsum_answer(lines[3].removeprefix("in "))
+        else:
+            calc = lines[3].removeprefix("calc ")
+            assert e.answer == arith_answer(int(calc[0]), calc[1:])
+
+
+def test_score_exact_match_after_strip():
+    e = Example(task="runsum", prompt="p", answer="1360")
+    assert score("1360", e)
+    assert score("  1360\n", e)
+    assert not score("136", e)
+    assert not score("13600", e)

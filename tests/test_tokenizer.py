@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from cache_core.tasks import TaskSuite
+from cache_core.tokenizer import Tokenizer, load_tokenizer
+
+
+def test_special_ids_and_vocab():
+    tok = Tokenizer()
+    assert (tok.pad_token_id, tok.mask_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.vocab_size == len(tok) == 3 + 96  # specials + printable ASCII + newline
+    assert len({tok.pad_token_id, tok.mask_token_id, tok.eos_token_id}) == 3
+
+
+def test_round_trip_on_task_text():
+    tok = Tokenizer()
+    for ex in TaskSuite().split("train", 6):
+        for text in (ex.prompt, ex.answer):
+            ids = tok.encode(text)
+            assert len(ids) == len(text)
+            assert min(ids) > tok.eos_token_id  # plain text never encodes to a special token
+            assert tok.decode(ids) == text
+
+
+def test_decode_stops_at_eos_and_skips_pad():
+    tok = Tokenizer()
+    ids = [tok.pad_token_id] + tok.encode("ab") + [tok.eos_token_id] + tok.encode("zz")
+    assert tok.decode(ids) == "ab"
+    assert tok.decode([tok.eos_token_id] * 3) == ""
+    assert tok.decode(tok.encode("a") + [tok.mask_token_id]) == "a<mask>"
+
+
+def test_unknown_character_and_bad_ids_raise():
+    tok = Tokenizer()
+    with pytest.raises(ValueError, match="'é' at index 2"):
+        tok.encode("ab\u00e9")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([tok.vocab_size])
+    with pytest.raises(TypeError):
+        tok.encode(b"bytes")
+
+
+def test_save_load_round_trip(tmp_path):
+    tok = Tokenizer()
+    path = tok.save(tmp_path)
+    assert path.name == "tokenizer.json"
+    data = json.loads(path.read_text())  # plain JSON
+    assert data["special_tokens"] == ["<pad>", "<mask>", "<eos>"]
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.vocab == tok.vocab
+    assert Tokenizer.load(path).encode("from a:") == tok.encode("from a:")
+
+
+def test_malformed_files_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+        Tokenizer.load(tmp_path)
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Tokenizer.load(tmp_path)
+    path.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="wrong 'format'"):
+        Tokenizer.load(tmp_path)
+    good = Tokenizer().to_dict()
+    path.write_text(json.dumps({**good, "version": 99}))
+    with pytest.raises(ValueError, match="unsupported tokenizer version"):
+        Tokenizer.load(tmp_path)
+    path.write_text(json.dumps({**good, "chars": "aa"}))
+    with pytest.raises(ValueError, match="unique"):
+        Tokenizer.load(tmp_path)
+    path.write_text(json.dumps({**good, "chars": 5}))
+    with pytest.raises(ValueError, match="'chars' must be a string"):
+        Tokenizer.load(tmp_path)
