@@ -1,0 +1,171 @@
+"""Evaluate learned policies against the heuristics on the test split (`python train.py mode=evaluate`).
+
+Full recompute (the reference), every heuristic across its knob and the oracle come from
+`cache_core.benchmark.heuristic_specs`; each exported policy listed in `evaluate.learned` (the supervised predictor,
+the RL agent's `checkpoints/policies/rl_agent.onnx`, ...) is added across its threshold, or across `evaluate.budgets`
+when its manifest says it is budget-conditioned. A listed file that does not exist is skipped (unless `required`), so
+a policy that lands later plugs in without a code change. Measurement, table, JSON and Pareto plot are
+`cache_core.benchmark`'s (`evaluate_policies`, `write_results`).
+
+The summary answers the project's question: per family, the cheapest point whose exact match is within
+`max_em_loss` of full recompute, and how many times fewer FLOPs the learned policies need than the best heuristic
+there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cache_core.benchmark import PolicySpec, Row, evaluate_policies, generation_kwargs, heuristic_specs, load_builtin
+from cache_core.cache import RefreshPlan
+from cache_core.features import GLOBAL_FEATURE_NAMES, StepFeatures
+from cache_core.learned import LearnedPolicy, read_manifest
+from cache_core.policy import ReusePolicy, StepContext
+
+log = logging.getLogger(__name__)
+BUDGET = GLOBAL_FEATURE_NAMES.index("budget")
+
+
+class BudgetedPolicy(ReusePolicy):
+    """A budget-conditioned learned policy run at a fixed budget: sets the `budget` feature, as
+    `generate(..., budget=b)` would, so that one benchmark run can sweep budgets as a knob."""
+
+    uses_features = True
+    knob = "budget"
+
+    def __init__(self, inner: LearnedPolicy, budget: float):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget={budget} must lie in (0, 1]")
+        self.inner, self.budget = inner, float(budget)
+        self.name = inner.name
+
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        global_ = features.global_.clone()
+        global_[:, BUDGET] = self.budget
+        return self.inner.plan(StepFeatures(features.blocks, global_), ctx)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "budget": self.budget}
+
+
+def learned_specs(entries: list[dict[str, Any]], thresholds: list[float] | None = None,
+                  budgets: list[float] | None = None) -> list[PolicySpec]:
+    """PolicySpecs of exported policy files: entries [{name, path, required}], swept over thresholds (refresh-logit
+    outputs), budgets (budget-conditioned files) or a single point (action-logit outputs)."""
+    specs = []
+    for entry in entries:
+        name, path, required = str(entry["name"]), Path(str(entry["path"])), bool(entry.get("required", False))
+        if not path.with_suffix(".onnx").is_file():
+            if required:
+                raise FileNotFoundError(f"learned policy {name!r}: {path} does not exist (export it with "
+                                        "`python train.py mode=export`, or drop it from evaluate.learned)")
+            log.info("learned policy %s: %s not found, skipped", name, path)
+            continue
+        manifest = read_manifest(path)  # refuses another schema / format with a clear message
+        LearnedPolicy(path)  # loads the graph once, so a corrupt file fails here and not mid-benchmark
+        if manifest.get("budget_conditioned") and budgets:
+            for b in budgets:
+                specs.append(PolicySpec(name, "budget", float(b),
+                                        lambda p=path, b=b: BudgetedPolicy(LearnedPolicy(p), float(b))))
+        elif manifest["output"] == "refresh_logit":
+            knob = LearnedPolicy.knob  # the decision threshold on sigmoid(refresh logit)
+            for t in thresholds or LearnedPolicy.knob_sweep:
+                specs.append(PolicySpec(name, knob, float(t),
+                                        lambda p=path, k=knob, t=t: LearnedPolicy(p, **{k: float(t)})))
+        else:
+            specs.append(PolicySpec(name, None, None, lambda p=path: LearnedPolicy(p)))
+    return specs
+
+
+def summarize(rows: list[Row], max_em_loss: float, learned: list[str], min_agreement: float = 0.99
+              ) -> dict[str, Any]:
+    """Per batch size and criterion, the cheapest point of each family that meets it, and the FLOP ratio best
+    heuristic / learned policy there. Criteria: `exact_match` = within max_em_loss of full recompute's exact match
+    (the project's target); `agreement` = the same answer as full recompute on >= min_agreement of the prompts
+    (stricter, and still informative when the model's exact match is low)."""
+    out: dict[str, Any] = {}
+    for batch_size in sorted({r.batch_size for r in rows}):
+        at = [r for r in rows if r.batch_size == batch_size]
+        full = next(r for r in at if r.family == "full")
+        em_floor = full.exact_match - max_em_loss - 1e-9
+        criteria = {"exact_match": lambda r, floor=em_floor: r.exact_match >= floor,
+                    "agreement": lambda r: r.agreement >= min_agreement - 1e-9}
+        entry: dict[str, Any] = {"full_exact_match": full.exact_match}
+        for criterion, ok in criteria.items():
+            best: dict[str, dict[str, Any]] = {}
+            for r in at:
+                if ok(r) and (r.family not in best or r.flop_fraction < best[r.family]["flop_fraction"]):
+                    best[r.family] = {"policy": r.policy, "flop_fraction": r.flop_fraction,
+                                      "exact_match": r.exact_match, "agreement": r.agreement}
+            heuristic = [v for k, v in best.items() if k not in learned and k not in ("oracle", "full")]
+            top = min(heuristic, key=lambda v: v["flop_fraction"]) if heuristic else None
+            block: dict[str, Any] = {"best_per_family": best, "best_heuristic": top}
+            for name in learned:
+                if name in best and top is not None:
+                    block[f"{name}_flop_reduction_vs_best_heuristic"] = (top["flop_fraction"]
+                                                                         / best[name]["flop_fraction"])
+            entry[criterion] = block
+        out[str(batch_size)] = entry
+    return out
+
+
+def print_summary(summary: dict[str, Any], max_em_loss: float, min_agreement: float = 0.99) -> str:
+    titles = {"exact_match": f"exact match within {100 * max_em_loss:g} point(s) of no-cache",
+              "agreement": f"same answer as no-cache on >= {100 * min_agreement:g}% of prompts"}
+    lines = []
+    for batch_size, entry in summary.items():
+        lines.append(f"batch {batch_size}: no-cache exact match {entry['full_exact_match']:.3f}")
+        for criterion, title in titles.items():
+            block = entry[criterion]
+            lines.append(f" cheapest point per family with {title}:")
+            for family, v in sorted(block["best_per_family"].items(), key=lambda kv: kv[1]["flop_fraction"]):
+                lines.append(f"  {family:15s} {v['policy']:42s} FLOP fraction {v['flop_fraction']:.3f}  "
+                             f"exact match {v['exact_match']:.3f}  agreement {v['agreement']:.3f}")
+            for key, value in block.items():
+                if key.endswith("_vs_best_heuristic"):
+                    lines.append(f"  {key.replace('_', ' ')}: {value:.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`mode=evaluate`: heuristics, oracle and learned policy files on the test split -> JSON, table, Pareto PNG."""
+    from cache_core.benchmark import write_results
+    from cache_core.tasks import TaskSuite
+
+    e = cfg.evaluate
+    if e.get("threads"):
+        torch.set_num_threads(int(e.threads))
+    max_em_loss = float(e.get("max_em_loss", 0.01))
+    min_agreement = float(e.get("min_agreement", 0.99))
+    model_path = Path(str(cfg.paths.model))
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(f"no model checkpoint at {model_path}: train the built-in model with `python train.py "
+                                "mode=pretrain` or set paths.model")
+    model, tokenizer = load_builtin(cfg)
+    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(str(e.split), int(e.n_examples))
+    entries = OmegaConf.to_container(e.learned, resolve=True) if e.get("learned") else []
+    thresholds = list(e.thresholds) if e.get("thresholds") else None
+    budgets = list(e.budgets) if e.get("budgets") else None
+    learned = learned_specs(entries, thresholds, budgets)
+    specs = heuristic_specs(e.heuristics, include_oracle=bool(e.include_oracle)) + learned
+    learned_names = sorted({s.family for s in learned})
+    log.info("evaluate: %d policy points (%s learned) on %d %s examples", len(specs), learned_names or "no",
+             len(examples), e.split)
+    gen = generation_kwargs(cfg)
+    rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen,
+                             progress=bool(e.get("progress", True)))
+    summary = summarize(rows, max_em_loss, learned_names, min_agreement)
+    meta = {"model": str(model_path), "split": str(e.split), "n_examples": len(examples), "generation": gen,
+            "threads": torch.get_num_threads(), "learned": entries, "summary": summary}
+    out = write_results(rows, e.output_dir or cfg.paths.output, str(e.name), meta)
+    summary_text = print_summary(summary, max_em_loss, min_agreement)
+    Path(out["table"]).write_text(Path(out["table"]).read_text() + "\n" + summary_text + "\n")
+    print(f"JSON: {out['json']}\ntable: {out['table']}\nplot: {out['plot']}")
+    return {**out, "summary": summary}

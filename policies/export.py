@@ -1,0 +1,210 @@
+"""Export a trained network to the deployable policy format: `<path>.onnx` + `<path>.json` (`python train.py
+mode=export`).
+
+The contract is `cache_core.learned` (read its docstring): the graph maps the feature schema's policy input
+`features` (B, n_blocks, F_block + F_global) to `refresh_logit` (B, n_blocks) or `action_logits` (B, n_blocks, A),
+with dynamic batch and n_blocks axes; the manifest says how to read it and which feature schema it was trained on.
+`export_onnx` works for any torch module with that signature: the supervised `BlockPredictor` and the RL agent's
+exported actor (policies/rl.py) both go through it.
+
+After writing, the file is loaded back through `cache_core.learned.LearnedPolicy` and compared with the network on
+random inputs of two shapes, so a file that would decide differently from the network is never left behind silently.
+The legacy TorchScript exporter (`dynamo=False`) is used: the dynamo exporter needs onnxscript, which is not a
+dependency, and these small graphs gain nothing from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from cache_core.features import (
+    BLOCK_FEATURE_NAMES,
+    GLOBAL_FEATURE_NAMES,
+    N_BLOCK_FEATURES,
+    N_GLOBAL_FEATURES,
+    SCHEMA_ID,
+    SCHEMA_VERSION,
+)
+from cache_core.learned import ACTION_MODES, OUTPUTS, POLICY_FORMAT, POLICY_FORMAT_VERSION
+
+log = logging.getLogger(__name__)
+INPUT_NAME = "features"
+OPSET = 17
+N_FEATURES = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
+
+
+def policy_paths(path: str | Path) -> tuple[Path, Path]:
+    """`<path>.onnx`, `<path>.json` for a path given with or without either suffix."""
+    path = Path(path)
+    if path.suffix in (".onnx", ".json"):
+        path = path.with_suffix("")
+    return path.parent / (path.name + ".onnx"), path.parent / (path.name + ".json")
+
+
+class _Graph(nn.Module):
+    """The exported signature: features only (the network infers real blocks from valid_fraction), float32 out."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).float()
+
+
+def _check_output(out: torch.Tensor, output: str, action_mode: str, n_layers: int, shape: tuple[int, int]) -> None:
+    if output == "refresh_logit":
+        if tuple(out.shape) != shape:
+            raise ValueError(f"output='refresh_logit' needs a network output of shape (B, n_blocks) = {shape}, got "
+                             f"{tuple(out.shape)} (a BlockPredictor with n_outputs=1)")
+        return
+    actions = 2 if action_mode == "binary" else n_layers + 1
+    if tuple(out.shape) != (*shape, actions):
+        raise ValueError(f"output='action_logits' in action_mode={action_mode!r} with n_layers={n_layers} needs a "
+                         f"network output of shape (B, n_blocks, {actions}), got {tuple(out.shape)}")
+
+
+def export_onnx(net: nn.Module, path: str | Path, *, action_mode: str, output: str, n_layers: int,
+                threshold: float = 0.5, budget_conditioned: bool = False, source: dict[str, Any] | None = None,
+                metrics: dict[str, Any] | None = None) -> Path:
+    """Write `<path>.onnx` and its manifest `<path>.json` as `cache_core.learned` reads them; returns the .onnx path.
+
+    net: any module mapping (B, n_blocks, F_block + F_global) float32 to the `output` tensor. action_mode: binary |
+    depth. output: refresh_logit (binary only; a block is refreshed when sigmoid >= threshold) | action_logits
+    (argmax read as in the environment). Raises ValueError on an inconsistent combination, and RuntimeError when the
+    written file does not reproduce the network's decisions.
+    """
+    if action_mode not in ACTION_MODES:
+        raise ValueError(f"action_mode={action_mode!r}; choose one of {list(ACTION_MODES)}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output={output!r}; choose one of {list(OUTPUTS)}")
+    if output == "refresh_logit" and action_mode != "binary":
+        raise ValueError("output='refresh_logit' is a binary refresh decision; depth policies export action_logits")
+    if int(n_layers) < 1:
+        raise ValueError(f"n_layers={n_layers} must be >= 1 (the model's layer count)")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold={threshold} must lie in [0, 1]")
+    onnx_path, json_path = policy_paths(path)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+
+    was_training = net.training
+    param = next(net.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    graph = _Graph(net).eval().cpu()  # moves net in place; put back below
+    # Trace with sizes > 1 so that no axis is specialised to a constant.
+    dummy = _random_features(3, 5, seed=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter": chosen on purpose, see above
+        _check_output(graph(dummy), output, action_mode, int(n_layers), (3, 5))
+        torch.onnx.export(
+            graph, (dummy,), str(onnx_path), input_names=[INPUT_NAME], output_names=[output],
+            dynamic_axes={INPUT_NAME: {0: "batch", 1: "n_blocks"}, output: {0: "batch", 1: "n_blocks"}},
+            opset_version=OPSET, dynamo=False,
+        )
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(onnx_path)))
+    manifest = {
+        "format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION, "schema_id": SCHEMA_ID,
+        "schema_version": SCHEMA_VERSION, "action_mode": action_mode, "n_layers": int(n_layers), "output": output,
+        "threshold": float(threshold), "budget_conditioned": bool(budget_conditioned),
+        "input": {"name": INPUT_NAME, "shape": ["batch", "n_blocks", N_FEATURES],
+                  "block_features": list(BLOCK_FEATURE_NAMES), "global_features": list(GLOBAL_FEATURE_NAMES)},
+        "source": dict(source or {}), "metrics": dict(metrics or {}), "opset": OPSET,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    json_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    try:
+        verify_export(graph, onnx_path)
+    finally:
+        net.to(device).train(was_training)
+    log.info("exported %s (+ %s)", onnx_path, json_path.name)
+    return onnx_path
+
+
+def _random_features(batch: int, n_blocks: int, seed: int) -> torch.Tensor:
+    """Policy inputs in the schema's ranges (relative_position in [-1, 1], the rest in [0, 1], every block real)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, n_blocks, N_FEATURES, generator=g)
+    relative, valid = BLOCK_FEATURE_NAMES.index("relative_position"), BLOCK_FEATURE_NAMES.index("valid_fraction")
+    x[..., relative] = 2 * x[..., relative] - 1
+    x[..., valid] = 0.01 + 0.99 * x[..., valid]
+    x[..., N_BLOCK_FEATURES:] = x[:, :1, N_BLOCK_FEATURES:]  # global features are the same for every block
+    return x
+
+
+def verify_export(net: nn.Module, path: str | Path, atol: float = 1e-4) -> None:
+    """The file loaded by onnxruntime must reproduce the network's outputs on inputs of several shapes."""
+    from cache_core.features import StepFeatures
+    from cache_core.learned import LearnedPolicy
+
+    policy = LearnedPolicy(path)
+    net = net.eval()
+    for batch, n_blocks in ((1, 7), (4, 13)):
+        x = _random_features(batch, n_blocks, seed=batch * 100 + n_blocks)
+        with torch.no_grad():
+            expected = net(x).float()
+        features = StepFeatures(x[..., :N_BLOCK_FEATURES], x[:, 0, N_BLOCK_FEATURES:])
+        got = torch.from_numpy(policy.scores(features))
+        if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=1e-4):
+            err = (got - expected).abs().max().item() if got.shape == expected.shape else float("nan")
+            raise RuntimeError(f"{path}: the exported graph does not reproduce the network (shape {tuple(got.shape)} "
+                               f"vs {tuple(expected.shape)}, max |diff| {err:.3g}); not usable")
+
+
+# --- checkpoints -> files ----------------------------------------------------------------------------------------
+def export_checkpoint(ckpt_path: str | Path, path: str | Path, *, threshold: float | None = None,
+                      source: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
+    """Export a supervised Lightning checkpoint (policies.supervised.SupervisedPredictor) to `<path>.onnx/.json`."""
+    from policies.supervised import SupervisedPredictor
+
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"no supervised checkpoint at {ckpt_path}: train one with `python train.py "
+                                "mode=supervised` (or set policy.export.checkpoint to a .ckpt path)")
+    module = SupervisedPredictor.load_from_checkpoint(str(ckpt_path), map_location="cpu")
+    raw = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    hp = module.hparams
+    saved = (raw.get("blockreuse") or {}).get("val_metrics", {})
+    info = {"kind": "supervised", "checkpoint": str(ckpt_path), "epoch": raw.get("epoch"),
+            "global_step": raw.get("global_step"), "arch": hp.arch, "hidden": hp.hidden, "epsilon": hp.epsilon,
+            "net": module.net.config(), **({"budget_epsilons": hp.budget_epsilons, "budgets": hp.budgets}
+                                           if hp.budget_conditioned else {}), **(source or {})}
+    return export_onnx(module.net, path, action_mode=hp.action_mode, output=module.output, n_layers=hp.n_layers,
+                       threshold=hp.threshold if threshold is None else float(threshold),
+                       budget_conditioned=bool(hp.budget_conditioned), source=info,
+                       metrics={**saved, **(metrics or {})})
+
+
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    """policy.export.checkpoint: best | last | a path to a .ckpt."""
+    from policies.supervised import checkpoint_dir
+
+    which = str(cfg.policy.export.checkpoint)
+    if which in ("best", "last"):
+        directory = checkpoint_dir(cfg)
+        path = directory / f"{which}.ckpt"
+        if which == "best" and not path.is_file() and (directory / "last.ckpt").is_file():
+            log.warning("no best.ckpt in %s (no validation split?): exporting last.ckpt", directory)
+            path = directory / "last.ckpt"
+        return path
+    return Path(which)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`mode=export`: the best (or last, or given) supervised checkpoint -> policy.export.path (.onnx + .json)."""
+    ckpt = resolve_checkpoint(cfg)
+    ecfg = cfg.policy.export
+    onnx_path = export_checkpoint(ckpt, str(ecfg.path), threshold=ecfg.get("threshold"))
+    json_path = onnx_path.with_suffix(".json")
+    print(f"exported policy: {onnx_path} (+ {json_path.name}) from {ckpt}")
+    return {"onnx": str(onnx_path), "manifest": str(json_path), "checkpoint": str(ckpt)}

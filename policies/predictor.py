@@ -1,0 +1,197 @@
+"""The block predictor: a small network over the feature schema's policy input that scores every KV-cache block.
+
+    x (B, n_blocks, N_BLOCK_FEATURES + N_GLOBAL_FEATURES) = StepFeatures.policy_input()
+      -> encode(x, block_mask)  (B, n_blocks, hidden)   per-block embedding
+      -> head                   (B, n_blocks) refresh logit (n_outputs = 1) or (B, n_blocks, n_outputs) action logits
+
+Two trunks behind one interface:
+- `mlp`: every block on its own (its features + the broadcast global features); cheapest, and the same function of
+  a block wherever it sits.
+- `transformer`: pre-norm self-attention layers over the blocks, so a block's score can depend on the others (e.g.
+  on how much the decoding block just changed). No positional encoding: `relative_position` is a feature, so the
+  network is permutation-equivariant and serves any number of blocks. Padded blocks are masked out as keys.
+
+`block_mask=None` means "infer it": a block is real when its `valid_fraction` column is > 0. The env's padded rows are
+all-zero and a block of pure left padding in a batched `generate()` has valid_fraction 0, so the exported graph (which
+takes only x) masks exactly what training masked. The RL agent (policies/rl_policy.py) uses `encode` as its SB3
+features extractor, so keep `BlockPredictor(in_features, hidden, arch=..., n_outputs=..., ...)` and `encode(x, mask)`
+stable.
+
+`TorchPolicy` wraps a live network as a `ReusePolicy` in-process (validation generations during training, and the
+reference the exported file is compared with); it reads outputs exactly as `cache_core.learned.LearnedPolicy` does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from cache_core.cache import RefreshPlan
+from cache_core.features import (
+    BLOCK_FEATURE_NAMES,
+    GLOBAL_FEATURE_NAMES,
+    N_BLOCK_FEATURES,
+    N_GLOBAL_FEATURES,
+    StepFeatures,
+)
+from cache_core.policy import ReusePolicy, StepContext
+
+ARCHS = ("mlp", "transformer")
+N_FEATURES = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
+FEATURE_NAMES = (*BLOCK_FEATURE_NAMES, *GLOBAL_FEATURE_NAMES)  # columns of the policy input
+VALID_FRACTION = BLOCK_FEATURE_NAMES.index("valid_fraction")
+IS_DECODING = BLOCK_FEATURE_NAMES.index("is_decoding")
+# Additive attention bias of masked keys: finite, so a row whose keys are all masked (a padded query) gets a uniform
+# softmax instead of NaN (NaN would leak into the loss through 0 * NaN).
+_MASKED = -1e4
+
+
+class _AttentionLayer(nn.Module):
+    """Pre-norm self-attention + MLP over blocks, written with plain ops so the ONNX export has no fused kernels."""
+
+    def __init__(self, hidden: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, hidden // n_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        B, nb, d = h.shape
+        qkv = self.qkv(self.norm1(h)).reshape(B, nb, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, nb, head_dim)
+        scores = (q @ k.transpose(-1, -2)) * self.scale + key_bias  # (B, heads, nb, nb)
+        o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, nb, d)
+        h = h + self.dropout(self.out(o))
+        return h + self.dropout(self.mlp(self.norm2(h)))
+
+
+class BlockPredictor(nn.Module):
+    """Per-block scores from the policy input. n_outputs = 1: refresh logit (B, nb); n_layers + 1: depth action
+    logits (B, nb, n_layers + 1) read as in `cache_core.learned` (0 = reuse, j = refresh the top j layers)."""
+
+    def __init__(self, in_features: int = N_FEATURES, hidden: int = 64, arch: str = "mlp", n_outputs: int = 1,
+                 n_layers_attn: int = 1, n_heads: int = 2, dropout: float = 0.0,
+                 ignore_features: tuple[str, ...] | list[str] = ()):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown predictor arch {arch!r}; choose one of {list(ARCHS)} (policy.arch)")
+        if in_features < 1 or hidden < 1 or n_outputs < 1:
+            raise ValueError(f"in_features ({in_features}), hidden ({hidden}) and n_outputs ({n_outputs}) must be >= 1")
+        if arch == "transformer":
+            if n_layers_attn < 1 or n_heads < 1 or hidden % n_heads:
+                raise ValueError(f"transformer predictor: n_layers_attn ({n_layers_attn}) and n_heads ({n_heads}) "
+                                 f"must be >= 1 and hidden ({hidden}) divisible by n_heads")
+        self.in_features, self.hidden, self.arch, self.n_outputs = in_features, hidden, arch, n_outputs
+        self.n_layers_attn, self.n_heads, self.dropout = n_layers_attn, n_heads, dropout
+        # Columns the network must not read (a fixed input mask, kept in the ONNX graph, and zero weight columns):
+        # e.g. compute_spent, which tells which behaviour policy collected an episode more than how stale a block is.
+        names = FEATURE_NAMES if in_features == N_FEATURES else ()
+        unknown = [f for f in ignore_features if f not in names]
+        if unknown:
+            raise ValueError(f"ignore_features {unknown} are not policy-input columns {list(names)}")
+        keep = torch.ones(in_features)
+        keep[[names.index(f) for f in ignore_features]] = 0.0
+        # Not in the state dict: the weights alone define the function (see the zeroed columns below), so a warm
+        # start into a BlockPredictor without ignore_features (the RL agent) computes the same function.
+        self.register_buffer("input_keep", keep, persistent=False)
+        self.embed = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+        with torch.no_grad():  # the masked input gives these columns no gradient (and AdamW's decay keeps 0 at 0)
+            self.embed[0].weight[:, keep == 0] = 0.0
+        self.layers = nn.ModuleList(
+            [_AttentionLayer(hidden, n_heads, dropout) for _ in range(n_layers_attn)] if arch == "transformer" else []
+        )
+        self.norm = nn.LayerNorm(hidden) if arch == "transformer" else nn.Identity()
+        self.head = nn.Linear(hidden, n_outputs)
+
+    @property
+    def ignore_features(self) -> tuple[str, ...]:
+        names = FEATURE_NAMES if self.in_features == N_FEATURES else ()
+        return tuple(n for n, k in zip(names, self.input_keep.tolist()) if k == 0.0)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments: `BlockPredictor(**net.config())` rebuilds the architecture."""
+        return {"in_features": self.in_features, "hidden": self.hidden, "arch": self.arch, "n_outputs": self.n_outputs,
+                "n_layers_attn": self.n_layers_attn, "n_heads": self.n_heads, "dropout": self.dropout,
+                "ignore_features": list(self.ignore_features)}
+
+    def _check(self, x: torch.Tensor, block_mask: torch.Tensor | None) -> torch.Tensor:
+        if not torch.jit.is_tracing() and (x.dim() != 3 or x.shape[-1] != self.in_features):
+            raise ValueError(f"BlockPredictor expects x of shape (B, n_blocks, {self.in_features}), got "
+                             f"{tuple(x.shape)}")
+        if block_mask is None:
+            if self.in_features != N_FEATURES:
+                return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            return x[..., VALID_FRACTION] > 0
+        if not torch.jit.is_tracing() and tuple(block_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"block_mask has shape {tuple(block_mask.shape)}, expected {tuple(x.shape[:2])}")
+        return block_mask.bool()
+
+    def encode(self, x: torch.Tensor, block_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, nb, F), (B, nb) bool or None -> (B, nb, hidden) per-block embeddings."""
+        mask = self._check(x, block_mask)
+        h = self.embed(x * self.input_keep)
+        if self.layers:
+            key_bias = torch.where(mask, 0.0, _MASKED).to(h.dtype)[:, None, None, :]
+            for layer in self.layers:
+                h = layer(h, key_bias)
+        return self.norm(h)
+
+    def forward(self, x: torch.Tensor, block_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.head(self.encode(x, block_mask))
+        return out.squeeze(-1) if self.n_outputs == 1 else out
+
+
+def refresh_probability(out: torch.Tensor, output: str) -> torch.Tensor:
+    """P(refresh) per block from a network output: sigmoid of the refresh logit, or 1 - P(action 0 = reuse)."""
+    if output == "refresh_logit":
+        return torch.sigmoid(out)
+    return 1.0 - out.softmax(-1)[..., 0]
+
+
+def decide(out: torch.Tensor, output: str, action_mode: str, n_layers: int, threshold: float) -> RefreshPlan:
+    """A network output -> RefreshPlan, by the rules of `cache_core.learned.LearnedPolicy.plan` (kept identical so the
+    live network and its exported file make the same decisions)."""
+    if output == "refresh_logit":
+        return RefreshPlan.from_refresh_mask(torch.sigmoid(out) >= threshold, n_layers)
+    action = out.argmax(-1)
+    if action_mode == "binary":
+        return RefreshPlan.from_refresh_mask(action == 1, n_layers)
+    return RefreshPlan((n_layers - action).clamp(0, n_layers).long())
+
+
+class TorchPolicy(ReusePolicy):
+    """A live `BlockPredictor` (or any net over the policy input) behind the `ReusePolicy` interface."""
+
+    name = "predictor"
+    uses_features = True
+    knob = "refresh_threshold"  # as LearnedPolicy's (`threshold` is generate()'s parallel-decoding argument)
+    knob_sweep = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+    def __init__(self, net: nn.Module, action_mode: str = "binary", output: str | None = None,
+                 refresh_threshold: float = 0.5):
+        self.net = net
+        self.action_mode = action_mode
+        self.output = output or ("refresh_logit" if action_mode == "binary" else "action_logits")
+        self.refresh_threshold = float(refresh_threshold)
+
+    @torch.no_grad()
+    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            param = next(self.net.parameters(), None)
+            x = features.policy_input()
+            if param is not None:
+                x = x.to(device=param.device, dtype=param.dtype)
+            out = self.net(x).float().cpu()
+        finally:
+            self.net.train(was_training)
+        return decide(out, self.output, self.action_mode, ctx.n_layers, self.refresh_threshold)

@@ -1,0 +1,251 @@
+"""Callbacks and logging of the RL run: episode metrics, the deployable-policy evaluation, W&B, checkpoints.
+
+- `EpisodeMetricsCallback`: the env's end-of-episode info (exact match, agreement, FLOP fraction, budget excess)
+  as `rollout/*` means, next to SB3's own `rollout/ep_rew_mean`.
+- `GenerationEvalCallback`: every `freq` env steps, exports the deterministic policy to ONNX (the deployable file),
+  runs `generate(..., policy=<that file>, budget=b)` on held-out prompts at each evaluation budget and logs exact
+  match, agreement with the no-cache answer and FLOP fraction under `eval/*`; keeps the best model by `eval/score`.
+- `WandbOutputFormat`: an SB3 logger output that forwards every dumped record (rollout/*, train/*, time/*, eval/*)
+  to `wandb.log` (SB3's `WandbCallback` reads metrics through TensorBoard, which this project does not install).
+- `ProvenanceCheckpointCallback`: SB3's `CheckpointCallback`, plus a provenance file next to every zip (see
+  `save_agent` / `load_agent` in `policies.rl`): SB3 zips contain pickles, and only zips this project wrote (hash
+  recorded at save time) are ever loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+from stable_baselines3.common.logger import KVWriter
+
+from cache_core.features import SCHEMA_ID
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "blockreuse-rl-checkpoint"
+EPISODE_KEYS = ("exact_match", "agreement", "agree_exact", "episode_flop_fraction", "budget", "budget_excess")
+
+
+# --- provenance of SB3 zips ----------------------------------------------------------------------------------------
+def provenance_path(zip_path: str | Path) -> Path:
+    zip_path = Path(zip_path)
+    return zip_path.with_name(zip_path.stem + ".provenance.json")
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_agent(model: BaseAlgorithm, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """`model.save(path)` plus `<stem>.provenance.json` (format, sha256 of the zip, schema id, action mode)."""
+    path = Path(path)
+    if path.suffix != ".zip":
+        path = path.with_suffix(".zip")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    policy = model.policy
+    record = {"format": CHECKPOINT_FORMAT, "sha256": sha256(path), "algo": type(model).__name__,
+              "policy_class": f"{type(policy).__module__}.{type(policy).__qualname__}", "schema_id": SCHEMA_ID,
+              "action_mode": getattr(policy, "action_mode", None), "num_timesteps": int(model.num_timesteps),
+              "max_blocks": int(model.observation_space["blocks"].shape[0]), **(extra or {})}
+    provenance_path(path).write_text(json.dumps(record, indent=2))
+    return path
+
+
+def check_provenance(path: str | Path) -> dict[str, Any]:
+    """The provenance record of a zip this project wrote; raises ValueError for any other file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    ppath = provenance_path(path)
+    if not ppath.exists():
+        raise ValueError(f"{path}: no provenance file {ppath.name} beside it. SB3 zips hold pickles, so only zips "
+                         "written by this project's RL training (which records their hash) are loaded")
+    try:
+        record = json.loads(ppath.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ppath}: not valid JSON ({err})") from err
+    if record.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{ppath}: not a {CHECKPOINT_FORMAT} provenance file")
+    if record.get("sha256") != sha256(path):
+        raise ValueError(f"{path}: its sha256 differs from the one recorded when this project saved it; the file was "
+                         "modified or replaced and will not be unpickled")
+    if record.get("schema_id") != SCHEMA_ID:
+        raise ValueError(f"{path}: trained on feature schema {record.get('schema_id')!r}, this blockreuse computes "
+                         f"{SCHEMA_ID!r}; start a new run instead of resuming")
+    return record
+
+
+class ProvenanceCheckpointCallback(CheckpointCallback):
+    """`CheckpointCallback` whose zips carry a provenance file (so `rl.resume` accepts them)."""
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.save_freq == 0:
+            path = save_agent(self.model, self._checkpoint_path(extension="zip"))
+            if self.verbose >= 1:
+                log.info("saved checkpoint %s", path)
+        return True
+
+
+# --- episode metrics ----------------------------------------------------------------------------------------------
+class EpisodeMetricsCallback(BaseCallback):
+    """Averages the env's end-of-episode info into `rollout/<key>` (dumped with SB3's rollout metrics)."""
+
+    def _on_step(self) -> bool:
+        for done, info in zip(self.locals["dones"], self.locals["infos"]):
+            if not done:
+                continue
+            for key in EPISODE_KEYS:
+                if key in info:
+                    name = "flop_fraction" if key == "episode_flop_fraction" else key
+                    self.logger.record_mean(f"rollout/{name}", float(info[key]))
+        return True
+
+
+# --- evaluation of the deployable policy ----------------------------------------------------------------------------
+def evaluate_exported(path: str | Path, env: Any, budgets: Sequence[float | None], batch_size: int,
+                      references: list[list[int]] | None = None) -> dict[str, Any]:
+    """Exact match, agreement with the no-cache answer and FLOP fraction of the exported policy at `path`, run with
+    `generate()` on every prompt of `env.prompts` (the env supplies the model, decoding settings and the task's exact
+    match rule), once per budget. Returns {"budgets": [{budget, exact_match, agreement, flop_fraction}], ...}."""
+    from cache_core.generate import generate
+
+    items = [env.prompts[i] for i in range(len(env.prompts))]
+    gen = dict(gen_length=env.gen_length, block_length=env.block_length, steps=env.steps, threshold=env.threshold,
+               temperature=env.temperature, remasking=env.remasking, seed=0)
+
+    def run_all(policy: Any, budget: float | None) -> tuple[list[list[int]], float, float]:
+        out, flops, full = [], 0.0, 0.0
+        for i in range(0, len(items), batch_size):
+            batch = [list(it.prompt_ids) for it in items[i:i + batch_size]]
+            result = generate(env.model, batch, policy=policy, budget=budget, **gen)
+            out += result.tokens.tolist()
+            flops += result.stats.flops
+            full += result.stats.full_flops
+        return out, flops, full
+
+    if references is None:
+        references, _, _ = run_all("full", None)
+    rows = []
+    for budget in budgets:
+        answers, flops, full = run_all(str(path), budget)
+        em = float(np.mean([env.prompts.exact_match(i, a) for i, a in enumerate(answers)])) \
+            if env.prompts.has_answers else float("nan")
+        agree = float(np.mean([a == r for a, r in zip(answers, references)]))
+        rows.append({"budget": budget, "exact_match": em, "agreement": agree, "flop_fraction": flops / full})
+    return {"budgets": rows, "references": references}
+
+
+def eval_score(rows: list[dict[str, Any]], flop_weight: float, over_weight: float) -> float:
+    """Mean over budgets of accuracy - over_weight * budget overshoot - flop_weight * FLOP fraction (higher is better),
+    accuracy = the mean of exact match and agreement with the no-cache answer (agreement alone without answers): the
+    task's score, and what caching must not change."""
+    scores = []
+    for r in rows:
+        acc = r["agreement"] if math.isnan(r["exact_match"]) else 0.5 * (r["exact_match"] + r["agreement"])
+        over = max(0.0, r["flop_fraction"] - (1.0 if r["budget"] is None else r["budget"]))
+        scores.append(acc - over_weight * over - flop_weight * r["flop_fraction"])
+    return float(np.mean(scores))
+
+
+class GenerationEvalCallback(BaseCallback):
+    """Every `freq` env steps (and at the start and the end of training): export the deterministic policy, evaluate it
+    with `generate()` at every budget, log `eval/*`, keep the best model (by `eval/score`) as `best_path`."""
+
+    def __init__(self, env: Any, export: Callable[[BaseAlgorithm, Path], Path], budgets: Sequence[float | None],
+                 freq: int, batch_size: int = 16, flop_weight: float = 0.1, over_weight: float = 2.0,
+                 best_path: str | Path | None = None, at_start: bool = True, verbose: int = 0):
+        super().__init__(verbose)
+        self.env, self.export, self.budgets = env, export, list(budgets)
+        self.freq, self.batch_size = int(freq), int(batch_size)
+        self.flop_weight, self.over_weight = float(flop_weight), float(over_weight)
+        self.best_path = None if best_path is None else Path(best_path)
+        self.at_start = at_start
+        self.best_score = -math.inf
+        self.history: list[dict[str, Any]] = []
+        self._references: list[list[int]] | None = None
+        self._last_eval = -1
+        self._tmp = tempfile.TemporaryDirectory(prefix="rl_eval_")
+
+    def _on_training_start(self) -> None:
+        self._last_eval = self.num_timesteps
+        if self.at_start:
+            self.evaluate()
+
+    def _on_step(self) -> bool:
+        if self.freq > 0 and self.num_timesteps - self._last_eval >= self.freq:
+            self._last_eval = self.num_timesteps
+            self.evaluate()
+        return True
+
+    def _on_training_end(self) -> None:
+        if not self.history or self.history[-1]["timesteps"] != self.num_timesteps:
+            self.evaluate()
+        self._tmp.cleanup()
+
+    def evaluate(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        path = self.export(self.model, Path(self._tmp.name) / "policy.onnx")
+        result = evaluate_exported(path, self.env, self.budgets, self.batch_size, self._references)
+        self._references = result["references"]
+        rows = result["budgets"]
+        score = eval_score(rows, self.flop_weight, self.over_weight)
+        for r in rows:
+            tag = "" if r["budget"] is None else f"@{r['budget']:g}"
+            for key in ("exact_match", "agreement", "flop_fraction"):
+                self.logger.record(f"eval/{key}{tag}", r[key])
+        for key in ("exact_match", "agreement", "flop_fraction"):
+            self.logger.record(f"eval/{key}", float(np.mean([r[key] for r in rows])))
+        self.logger.record("eval/score", score)
+        self.logger.record("eval/seconds", time.perf_counter() - t0)
+        entry = {"timesteps": int(self.num_timesteps), "score": score, "budgets": rows}
+        self.history.append(entry)
+        improved = score > self.best_score
+        if improved:
+            self.best_score = score
+            if self.best_path is not None:
+                save_agent(self.model, self.best_path, {"eval": entry})
+        self.logger.record("eval/best_score", self.best_score)
+        self.logger.dump(self.num_timesteps)
+        summary = ", ".join(f"b={r['budget']}: em {r['exact_match']:.3f} flops {r['flop_fraction']:.3f}"
+                            for r in rows)
+        log.info("eval @ %d steps: score %.4f%s (%s) [%.0fs]", self.num_timesteps, score,
+                 " (best)" if improved else "", summary, time.perf_counter() - t0)
+        return entry
+
+
+# --- W&B -----------------------------------------------------------------------------------------------------------
+class WandbOutputFormat(KVWriter):
+    """SB3 logger output that sends every dumped scalar to the active W&B run (step = env timesteps)."""
+
+    def __init__(self, run: Any):
+        self.run = run
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
+        data = {}
+        for key, value in key_values.items():
+            excluded = key_excluded.get(key) or ()
+            if "wandb" in excluded:
+                continue
+            if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+                data[key] = float(value)
+        if data:
+            self.run.log({**data, "global_step": int(step)})
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,149 @@
+"""Export to the deployable format: the file decides exactly as the network, loads through generate(), and is refused
+under another feature schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cache_core.features import N_BLOCK_FEATURES, SCHEMA_ID, StepFeatures
+from cache_core.generate import generate
+from cache_core.learned import LearnedPolicy, PolicyFileError, load_policy
+from cache_core.policy import ReusePolicy
+from envs.testing import random_pairs, tiny_model
+from policies.export import export_onnx, policy_paths
+from policies.predictor import BlockPredictor, TorchPolicy
+
+N_LAYERS = 2
+GEN = dict(gen_length=16, block_length=4, steps=8)
+
+
+class Recorder(ReusePolicy):
+    """Runs another policy and keeps every step's features (real-shaped inputs from a real session)."""
+
+    uses_features = True
+
+    def __init__(self, inner: ReusePolicy):
+        self.inner, self.seen = inner, []
+
+    def plan(self, features, ctx):
+        self.seen.append(StepFeatures(features.blocks.clone(), features.global_.clone()))
+        return self.inner.plan(features, ctx)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(n_layers=N_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def real_features(model):
+    """Features of batched generations (prompts of different lengths -> pure-padding blocks in some rows)."""
+    prompts = [p for p, _ in random_pairs(n=4, seed=1, min_length=2, max_length=13)]
+    recorder = Recorder(TorchPolicy(BlockPredictor(n_outputs=1)))
+    generate(model, prompts, policy=recorder, **GEN)
+    return recorder.seen
+
+
+def _random_features(seed: int, B: int = 3, nb: int = 9) -> StepFeatures:
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(B, nb, N_BLOCK_FEATURES, generator=g)
+    blocks[..., 0] = 2 * blocks[..., 0] - 1
+    return StepFeatures(blocks, torch.rand(B, 5, generator=g))
+
+
+CASES = [("mlp", "binary", "refresh_logit", 1), ("transformer", "binary", "refresh_logit", 1),
+         ("mlp", "depth", "action_logits", N_LAYERS + 1), ("transformer", "depth", "action_logits", N_LAYERS + 1),
+         ("mlp", "binary", "action_logits", 2)]
+
+
+@pytest.mark.parametrize("arch,action_mode,output,n_outputs", CASES)
+def test_exported_file_makes_the_same_decisions(tmp_path, real_features, arch, action_mode, output, n_outputs):
+    torch.manual_seed(0)
+    net = BlockPredictor(hidden=32, arch=arch, n_outputs=n_outputs, n_layers_attn=2)
+    inputs = [*real_features, *(_random_features(s) for s in range(5))]
+    # Centre and spread the random outputs so that decisions vary across blocks (a random init is nearly constant).
+    with torch.no_grad():
+        net.head.weight.mul_(10.0)
+        outs = torch.cat([net(f.policy_input()).reshape(-1, n_outputs) for f in inputs])
+        net.head.bias.sub_(outs.mean(0))
+    path = export_onnx(net, tmp_path / "p", action_mode=action_mode, output=output, n_layers=N_LAYERS,
+                       source={"test": True}, metrics={"val/ap": 0.5})
+    assert path == tmp_path / "p.onnx" and (tmp_path / "p.json").is_file()
+    manifest = json.loads((tmp_path / "p.json").read_text())
+    assert manifest["schema_id"] == SCHEMA_ID and manifest["format"] == "blockreuse-policy"
+    assert manifest["action_mode"] == action_mode and manifest["output"] == output and manifest["n_layers"] == N_LAYERS
+    ctx = SimpleNamespace(n_layers=N_LAYERS)
+    assert any(bool((f.blocks[..., -1] == 0).any()) for f in real_features), "want pure-padding blocks too"
+    thresholds = (0.3, 0.5, 0.7) if output == "refresh_logit" else (0.5,)
+    decided = set()
+    for t in thresholds:
+        deployed = LearnedPolicy(path, refresh_threshold=t)
+        live = TorchPolicy(net, action_mode, output, refresh_threshold=t)
+        for f in inputs:
+            a = deployed.plan(f, ctx).start_layer
+            b = live.plan(f, ctx).start_layer
+            assert torch.equal(a, b)
+            decided |= set(a.flatten().tolist())
+    assert len(decided) > 1, "decisions should not be constant"
+
+
+def test_generate_runs_the_exported_file(tmp_path, model):
+    torch.manual_seed(1)
+    net = BlockPredictor(hidden=16, arch="transformer")
+    path = export_onnx(net, tmp_path / "predictor.onnx", action_mode="binary", output="refresh_logit",
+                       n_layers=N_LAYERS, threshold=0.5)
+    prompts = [p for p, _ in random_pairs(n=3, seed=2)]
+    live = generate(model, prompts, policy=TorchPolicy(net), **GEN)
+    for policy in (str(path), tmp_path / "predictor.json", load_policy(path)):
+        out = generate(model, prompts, policy=policy, **GEN)
+        assert torch.equal(out.tokens, live.tokens)
+        assert out.stats.flops == live.stats.flops
+    knobbed = generate(model, prompts, policy=str(path), refresh_threshold=1.0, **GEN)  # refresh only what must be
+    assert knobbed.stats.flop_fraction <= live.stats.flop_fraction
+
+
+def test_other_schema_is_refused(tmp_path):
+    path = export_onnx(BlockPredictor(hidden=8), tmp_path / "p", action_mode="binary", output="refresh_logit",
+                       n_layers=N_LAYERS)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    manifest["schema_id"] = "v0:some,older,columns|progress"
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+    with pytest.raises(PolicyFileError, match="v0:some,older,columns.*retrain") as err:
+        load_policy(path)
+    assert SCHEMA_ID in str(err.value)
+
+
+def test_inconsistent_exports_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="depth policies export action_logits"):
+        export_onnx(BlockPredictor(), tmp_path / "a", action_mode="depth", output="refresh_logit", n_layers=2)
+    with pytest.raises(ValueError, match=r"\(B, n_blocks, 3\)"):
+        export_onnx(BlockPredictor(n_outputs=5), tmp_path / "b", action_mode="depth", output="action_logits",
+                    n_layers=2)
+    with pytest.raises(ValueError, match="action_mode='both'"):
+        export_onnx(BlockPredictor(), tmp_path / "c", action_mode="both", output="refresh_logit", n_layers=2)
+    assert not list(tmp_path.iterdir())
+    assert policy_paths("x/p.onnx") == (Path("x/p.onnx"), Path("x/p.json"))
+
+
+def test_export_mode_from_supervised_checkpoint(tmp_path):
+    from test_predictor import compose_cfg
+
+    from policies import export, supervised
+    from policies.data import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path / "shards", episodes=8, steps=6)
+    with pytest.raises(FileNotFoundError, match="mode=supervised"):
+        export.run(compose_cfg(tmp_path))
+    trained = supervised.run(compose_cfg(tmp_path, "trainer.max_epochs=2", "policy.log_export=false"))
+    out = export.run(compose_cfg(tmp_path, "policy.export.threshold=0.3"))
+    manifest = json.loads(Path(out["manifest"]).read_text())
+    assert out["checkpoint"] == trained["best_ckpt"] and manifest["threshold"] == 0.3
+    assert manifest["source"]["kind"] == "supervised" and "val/ap" in manifest["metrics"]
+    assert LearnedPolicy(out["onnx"]).refresh_threshold == 0.3
+    last = export.run(compose_cfg(tmp_path, "policy.export.checkpoint=last"))
+    assert last["checkpoint"].endswith("last.ckpt")

@@ -1,0 +1,226 @@
+"""The block predictor, its labels and data split, and supervised training on synthetic shards (seconds, CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from cache_core.features import BLOCK_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES
+from cache_core.policy import OraclePolicy
+from policies.data import (
+    BUDGET_COLUMN,
+    IS_DECODING,
+    ShardDataModule,
+    budget_of_epsilon,
+    depth_labels,
+    load_rows,
+    refresh_labels,
+    split_groups,
+    write_synthetic_shards,
+)
+from policies.predictor import BlockPredictor
+
+ROOT = Path(__file__).resolve().parents[1]
+F = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
+VALID = BLOCK_FEATURE_NAMES.index("valid_fraction")
+
+
+def compose_cfg(tmp: Path, *overrides: str):
+    """The project config with every path under tmp, a quiet trainer, no W&B and no generation check."""
+    base = [
+        f"paths.root={ROOT}", f"paths.output={tmp / 'out'}", f"paths.model={tmp / 'no-model'}",
+        f"data.shards_dir={tmp / 'shards'}", f"policy.checkpoint_dir={tmp / 'ckpt'}",
+        f"policy.export.path={tmp / 'exported' / 'predictor'}", "logger=none", "trainer.max_epochs=3",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_threads=1",
+        "policy.generation_check.enabled=false", "data.batch_size=32", "policy.lr=1e-2",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*base, *overrides])
+
+
+def features(B: int = 3, nb: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, nb, F, generator=g)
+    x[..., VALID] = 0.5 + 0.5 * x[..., VALID]
+    return x
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+@pytest.mark.parametrize("n_outputs", [1, 5])
+def test_shapes(arch, n_outputs):
+    net = BlockPredictor(hidden=16, arch=arch, n_outputs=n_outputs)
+    x = features()
+    assert net.encode(x).shape == (3, 6, 16)
+    assert net(x).shape == ((3, 6) if n_outputs == 1 else (3, 6, n_outputs))
+    assert BlockPredictor(**net.config()).config() == net.config()
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown predictor arch 'lstm'.*mlp.*transformer"):
+        BlockPredictor(arch="lstm")
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        BlockPredictor(hidden=10, arch="transformer", n_heads=3)
+    with pytest.raises(ValueError, match=r"expects x of shape \(B, n_blocks, 17\)"):
+        BlockPredictor()(torch.zeros(2, 3, 5))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+def test_ignored_features_do_not_move_the_output(arch):
+    net = BlockPredictor(hidden=16, arch=arch, ignore_features=["compute_spent", "budget"]).eval()
+    x = features()
+    other = x.clone()
+    other[..., N_BLOCK_FEATURES + 3:] = torch.rand(3, 1, 2)  # compute_spent, budget
+    with torch.no_grad():
+        assert torch.equal(net(x), net(other))
+        assert not torch.equal(net(x), net(x + 0.1))
+    assert BlockPredictor(**net.config()).ignore_features == ("compute_spent", "budget")
+    # The weights alone carry it (zero columns, no state-dict buffer): loaded into a plain BlockPredictor (the RL
+    # agent's warm start) they compute the same function.
+    plain = BlockPredictor(hidden=16, arch=arch).eval()
+    plain.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(plain(other), net(other), atol=1e-6)
+    with pytest.raises(ValueError, match="not policy-input columns"):
+        BlockPredictor(ignore_features=["colour"])
+
+
+def test_transformer_ignores_padded_blocks():
+    """Left-padded rows (as the env pads) masked out give the same scores as the unpadded input."""
+    torch.manual_seed(0)
+    net = BlockPredictor(hidden=16, arch="transformer", n_layers_attn=2).eval()
+    x = features(2, 5)
+    padded = torch.cat([torch.zeros(2, 3, F), x], dim=1)
+    mask = torch.cat([torch.zeros(2, 3, dtype=torch.bool), torch.ones(2, 5, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        ref = net(x)
+        assert torch.allclose(net(padded, mask)[:, 3:], ref, atol=1e-5)
+        # No mask given: real blocks are inferred from valid_fraction > 0 (padding rows are all zero).
+        assert torch.allclose(net(padded)[:, 3:], ref, atol=1e-5)
+        # Blocks do see each other: changing another block changes a block's score.
+        other = x.clone()
+        other[:, 0] = 1 - other[:, 0]
+        assert not torch.allclose(net(other)[:, 1:], ref[:, 1:])
+
+
+def test_labels_follow_the_oracle():
+    drift = torch.tensor([[0.0, 0.01, 0.2, 0.3],   # layers 2, 3 drifted -> refresh from layer 2 = top 2 layers
+                          [0.5, 0.0, 0.0, 0.0],    # layer 0 -> all layers
+                          [0.01, 0.02, 0.03, 0.04],  # nothing over epsilon -> reuse
+                          [0.0, 0.0, 0.0, 0.06]])  # last layer only
+    assert refresh_labels(drift, 0.05).tolist() == [1.0, 1.0, 0.0, 1.0]
+    depth = depth_labels(drift, 0.05)
+    assert depth.tolist() == [2, 4, 0, 1]
+    # The oracle's depth plan starts at the first drifted layer: start = n_layers - action.
+    over = drift > 0.05
+    first = torch.where(over.any(-1), over.float().argmax(-1), 4)
+    assert (4 - depth).tolist() == first.tolist()
+    # Per-row epsilons (budget conditioning).
+    assert refresh_labels(drift, torch.tensor([0.5, 0.4, 0.01, 0.1])).tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert OraclePolicy.knob == "epsilon"
+
+
+def test_rows_masks_and_split(tmp_path):
+    directory = write_synthetic_shards(tmp_path / "shards", episodes=10, steps=5, max_blocks=6)
+    rows, manifest = load_rows(directory)
+    S = 50
+    assert rows["x"].shape == (S, 6, F) and rows["drift"].shape == (S, 6, 2) and manifest["n_layers"] == 2
+    decoding = rows["x"][..., IS_DECODING] > 0.5
+    never = rows["drift"].amax(-1) >= 1e3
+    assert not (rows["loss_mask"] & (decoding | never | ~rows["block_mask"])).any()
+    assert rows["loss_mask"].sum() > 0 and never.any() and (~rows["block_mask"]).any()
+    for group_by in ("episode", "prompt"):
+        train, val = split_groups(rows[group_by], 0.3, seed=0)
+        assert len(train) + len(val) == S and len(val) > 0
+        assert not set(rows["episode"][train].tolist()) & set(rows["episode"][val].tolist())
+        assert not set(rows[group_by][train].tolist()) & set(rows[group_by][val].tolist())
+    dm = ShardDataModule(directory, batch_size=8, val_fraction=0.2).prepare()
+    x, block_mask, loss_mask, drift = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (6, F) and drift.shape[1:] == (6, 2)
+    budgets = budget_of_epsilon(rows["drift"], rows["x"], rows["loss_mask"], rows["block_mask"], [0.01, 0.05, 0.2])
+    assert budgets[0] >= budgets[1] >= budgets[2] and 0 < budgets[2] and budgets[0] <= 1
+
+
+def test_missing_shards_and_bad_config(tmp_path):
+    from policies.supervised import run
+
+    with pytest.raises(FileNotFoundError, match="mode=collect"):
+        run(compose_cfg(tmp_path))
+    write_synthetic_shards(tmp_path / "shards")
+    with pytest.raises(ValueError, match="unknown policy.arch='rnn'"):
+        run(compose_cfg(tmp_path, "policy.arch=rnn"))
+    with pytest.raises(ValueError, match="policy.epsilon=0.0 must be a positive"):
+        run(compose_cfg(tmp_path, "policy.epsilon=0.0"))
+    with pytest.raises(ValueError, match="policy.action_mode"):
+        run(compose_cfg(tmp_path, "policy.action_mode=ternary"))
+    with pytest.raises(ValueError, match="data.group_by"):
+        run(compose_cfg(tmp_path, "data.group_by=step"))
+
+
+def test_supervised_learns_checkpoints_and_resumes(tmp_path):
+    from policies.supervised import run
+
+    write_synthetic_shards(tmp_path / "shards", episodes=16, steps=8)
+    result = run(compose_cfg(tmp_path, "trainer.max_epochs=4"))
+    assert Path(result["best_ckpt"]).is_file() and Path(result["last_ckpt"]).is_file()
+    assert result["metrics"]["val/auroc"] > 0.85, result["metrics"]
+    assert Path(result["exported"]).is_file()  # the run's own export (logged as a W&B artifact when logging)
+    ckpt = torch.load(result["last_ckpt"], weights_only=True)  # plain tensors and containers (the RL warm start)
+    ignored = [N_BLOCK_FEATURES + 3, N_BLOCK_FEATURES + 4]  # compute_spent (config) and budget (not conditioned)
+    assert not ckpt["state_dict"]["net.embed.0.weight"][:, ignored].any()
+    step = ckpt["global_step"]
+    resumed = run(compose_cfg(tmp_path, "trainer.max_epochs=6", "policy.resume=true"))
+    assert torch.load(resumed["last_ckpt"], weights_only=False)["global_step"] > step
+    assert torch.load(resumed["last_ckpt"], weights_only=False)["epoch"] == 5
+    with pytest.raises(FileNotFoundError, match="policy.ckpt_path"):
+        run(compose_cfg(tmp_path, f"policy.ckpt_path={tmp_path / 'nope.ckpt'}"))
+
+
+@pytest.mark.parametrize("variant", ["transformer-depth", "budget"])
+def test_variants_train(tmp_path, variant):
+    from policies.supervised import SupervisedPredictor, run
+
+    write_synthetic_shards(tmp_path / "shards", episodes=10, steps=6)
+    overrides = (["policy=transformer", "policy.action_mode=depth"] if variant == "transformer-depth"
+                 else ["policy.budget_conditioned=true", "policy.budget_epsilons=[0.02,0.05,0.1]"])
+    result = run(compose_cfg(tmp_path, "trainer.max_epochs=2", *overrides))
+    module = SupervisedPredictor.load_from_checkpoint(result["best_ckpt"], map_location="cpu")
+    if variant == "budget":
+        hp = module.hparams
+        assert hp.budget_conditioned and hp.budgets[0] >= hp.budgets[1] >= hp.budgets[2]
+        x = torch.rand(2, 4, F)
+        x0, eps = module._condition(x, train=True)
+        assert set(x0[..., BUDGET_COLUMN].flatten().tolist()) <= {float(torch.tensor(b)) for b in hp.budgets}
+    else:
+        assert module.net.arch == "transformer" and module.net.n_outputs == 3 and module.output == "action_logits"
+
+
+@pytest.mark.slow
+def test_ddp_relaunch_shares_the_hydra_run_dir(tmp_path):
+    """trainer=ddp on 2 CPU processes (gloo): Lightning re-launches train.py for rank 1 with rank 0's hydra.run.dir;
+    one checkpoint directory, one W&B run, one exported file."""
+    import subprocess
+    import sys
+
+    write_synthetic_shards(tmp_path / "shards", episodes=12, steps=6)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "mode=supervised", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.matmul_precision=null", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+           f"data.shards_dir={tmp_path / 'shards'}", f"policy.checkpoint_dir={tmp_path / 'ckpt'}",
+           "policy.generation_check.enabled=false", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "best.ckpt").is_file() and (run_dir / "predictor.onnx").is_file()
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran inside rank 0's run dir
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # W&B from rank 0 only
+
+
+def test_several_shard_directories(tmp_path):
+    a = write_synthetic_shards(tmp_path / "a", episodes=4, steps=3, seed=0)
+    b = write_synthetic_shards(tmp_path / "b", episodes=5, steps=3, seed=1)
+    dm = ShardDataModule([a, b], val_fraction=0.25).prepare()
+    assert len(dm.rows["x"]) == 27 and dm.rows["episode"].unique().numel() == 9
+    with pytest.raises(ValueError, match="max_blocks"):
+        ShardDataModule([a, write_synthetic_shards(tmp_path / "c", episodes=2, max_blocks=7)]).prepare()
