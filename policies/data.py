@@ -50,16 +50,21 @@ def refresh_labels(drift: torch.Tensor, epsilon: float | torch.Tensor) -> torch.
 
 
 def depth_labels(drift: torch.Tensor, epsilon: float | torch.Tensor) -> torch.Tensor:
-    """(..., n_layers) drift -> (...) int64 action: j = refresh the top j layers, from the first layer l whose drift
-    exceeds epsilon (j = n_layers - l); 0 = reuse when no layer does. As `OraclePolicy(depth=True)` and
-    `cache_core.learned` read actions."""
+    """(..., n_layers) drift -> (...) int64 action, read as `cache_core.learned` reads it (j = refresh the top j
+    layers, i.e. from layer n_layers - j; 0 = reuse when no layer drifted more than epsilon).
+
+    The action refreshes from the layer *below* the first drifted layer l (from layer 0 when l = 0): a refresh from
+    layer k runs layer k on its cached, stale input hidden state, so it recomputes layer k's K/V unchanged and only
+    fixes layers > k (model.forward_partial). K/V drift at layer l comes from its input, the output of layer l - 1, so
+    layer l - 1 must run. (OraclePolicy(depth=True) starts at l itself and so never fixes layer l.)"""
     n_layers = drift.shape[-1]
     eps = torch.as_tensor(epsilon, dtype=drift.dtype, device=drift.device)
     if eps.dim():
         eps = eps.reshape(*eps.shape, *([1] * (drift.dim() - eps.dim())))
     over = drift > eps
     first = over.float().argmax(-1)  # first True (argmax of the first maximum)
-    return torch.where(over.any(-1), n_layers - first, 0).long()
+    start = (first - 1).clamp(min=0)
+    return torch.where(over.any(-1), n_layers - start, 0).long()
 
 
 def policy_input(blocks: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:

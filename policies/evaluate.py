@@ -55,8 +55,9 @@ class BudgetedPolicy(ReusePolicy):
 
 def learned_specs(entries: list[dict[str, Any]], thresholds: list[float] | None = None,
                   budgets: list[float] | None = None) -> list[PolicySpec]:
-    """PolicySpecs of exported policy files: entries [{name, path, required}], swept over thresholds (refresh-logit
-    outputs), budgets (budget-conditioned files) or a single point (action-logit outputs)."""
+    """PolicySpecs of exported policy files: entries [{name, path, required, knob, value}], swept over thresholds
+    (refresh-logit outputs), budgets (budget-conditioned files) or a single point (action-logit outputs; entries of
+    one name with `knob`/`value`, e.g. depth predictors trained at several epsilons, form one curve)."""
     specs = []
     for entry in entries:
         name, path, required = str(entry["name"]), Path(str(entry["path"])), bool(entry.get("required", False))
@@ -77,8 +78,9 @@ def learned_specs(entries: list[dict[str, Any]], thresholds: list[float] | None 
             for t in thresholds or LearnedPolicy.knob_sweep:
                 specs.append(PolicySpec(name, knob, float(t),
                                         lambda p=path, k=knob, t=t: LearnedPolicy(p, **{k: float(t)})))
-        else:
-            specs.append(PolicySpec(name, None, None, lambda p=path: LearnedPolicy(p)))
+        else:  # argmax of action logits: one point per file; `knob`/`value` place several files on one curve
+            knob = entry.get("knob") if entry.get("value") is not None else None
+            specs.append(PolicySpec(name, knob and str(knob), entry.get("value"), lambda p=path: LearnedPolicy(p)))
     return specs
 
 

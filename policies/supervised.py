@@ -6,7 +6,8 @@
 Labels (policies.data): refresh = the block's cached K/V drifted more than `policy.epsilon` (relative L2, max of keys
 and values) from a full recompute in some layer; depth = the first such layer, as an action (j = refresh the top j
 layers). Binary mode trains BCE with `pos_weight` (auto = #negatives / #positives of the training labels: refreshes
-are the minority), depth mode cross-entropy. The decoding block, padded and never-computed blocks carry no loss.
+are the minority), depth mode cross-entropy with every refresh action weighted by the same pos_weight. The decoding
+block, padded and never-computed blocks carry no loss.
 
 Budget conditioning (`policy.budget_conditioned: true`): every training row gets an epsilon drawn from
 `policy.budget_epsilons`, is labelled at it, and its `budget` feature is set to the FLOP fraction the oracle at that
@@ -122,8 +123,13 @@ class SupervisedPredictor(L.LightningModule):
         if self.hparams.action_mode == "binary":
             pos_weight = None if self.hparams.pos_weight is None else out.new_tensor(self.hparams.pos_weight)
             loss = F.binary_cross_entropy_with_logits(out, refresh, pos_weight=pos_weight, reduction="none")
-        else:
-            loss = F.cross_entropy(out.flatten(0, 1), depth_labels(drift, eps).flatten(), reduction="none")
+        else:  # pos_weight weighs every refresh action against reuse, as in binary mode
+            weight = None
+            if self.hparams.pos_weight is not None:
+                weight = out.new_full((out.shape[-1],), float(self.hparams.pos_weight))
+                weight[0] = 1.0
+            loss = F.cross_entropy(out.flatten(0, 1), depth_labels(drift, eps).flatten(), weight=weight,
+                                   reduction="none")
             loss = loss.view(keep.shape)
         loss = (loss * keep).sum() / n
         return loss, refresh_probability(out.detach(), self.output)[keep], refresh[keep], out.detach()

@@ -106,20 +106,55 @@ def test_transformer_ignores_padded_blocks():
 
 
 def test_labels_follow_the_oracle():
-    drift = torch.tensor([[0.0, 0.01, 0.2, 0.3],   # layers 2, 3 drifted -> refresh from layer 2 = top 2 layers
-                          [0.5, 0.0, 0.0, 0.0],    # layer 0 -> all layers
+    drift = torch.tensor([[0.0, 0.01, 0.2, 0.3],   # layers 2, 3 drifted -> run from layer 1 = top 3 layers
+                          [0.5, 0.0, 0.0, 0.0],    # layer 0 (the block's tokens changed) -> all layers
                           [0.01, 0.02, 0.03, 0.04],  # nothing over epsilon -> reuse
-                          [0.0, 0.0, 0.0, 0.06]])  # last layer only
-    assert refresh_labels(drift, 0.05).tolist() == [1.0, 1.0, 0.0, 1.0]
+                          [0.0, 0.0, 0.0, 0.06],   # last layer only -> run from layer 2 = top 2 layers
+                          [0.0, 0.07, 0.0, 0.0]])  # layer 1 -> run from layer 0
+    assert refresh_labels(drift, 0.05).tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
     depth = depth_labels(drift, 0.05)
-    assert depth.tolist() == [2, 4, 0, 1]
-    # The oracle's depth plan starts at the first drifted layer: start = n_layers - action.
+    assert depth.tolist() == [3, 4, 0, 2, 4]
+    # Read as cache_core.learned reads actions: start layer = n_layers - action, one below the first drifted layer.
     over = drift > 0.05
     first = torch.where(over.any(-1), over.float().argmax(-1), 4)
-    assert (4 - depth).tolist() == first.tolist()
+    assert (4 - depth).tolist() == [1, 0, 4, 2, 0] and ((4 - depth) <= first).all()
     # Per-row epsilons (budget conditioning).
-    assert refresh_labels(drift, torch.tensor([0.5, 0.4, 0.01, 0.1])).tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert refresh_labels(drift, torch.tensor([0.5, 0.4, 0.01, 0.1, 0.1])).tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
     assert OraclePolicy.knob == "epsilon"
+
+
+def test_depth_refresh_from_the_first_drifted_layer_does_not_fix_it():
+    """Why depth labels start one layer below the first drifted layer: a refresh from layer k recomputes layer k's
+    K/V from its cached (stale) input, so layer k's drift stays; starting at k - 1 removes it."""
+    from cache_core.cache import RefreshPlan
+    from cache_core.session import DecodingSession
+    from envs.testing import random_pairs, tiny_model
+
+    model = tiny_model(n_layers=3)
+    prompt = random_pairs(n=1, seed=3, min_length=8, max_length=8)[0][0]
+
+    def layer_drift(s: DecodingSession, canvas: torch.Tensor, layer: int) -> float:
+        """Relative drift of the cached keys of the prompt's blocks from a fresh forward of `canvas`."""
+        with torch.no_grad():
+            _, keys, _ = model(canvas, s.cache.key_mask, s.cache.positions, return_kv=True)
+        prompt = slice(0, s.prompt_region)
+        cached, fresh = s.cache.keys[layer][:, :, prompt], keys[layer][:, :, prompt]
+        return float((cached - fresh).norm() / fresh.norm())
+
+    drift = {}
+    for start in (1, 0):
+        s = DecodingSession(model, [prompt], gen_length=8, block_length=4, steps=8)
+        s.step(RefreshPlan.refresh_all(1, s.n_blocks))
+        for _ in range(2):  # commit tokens while the prompt blocks reuse everything: their K/V drift from layer 1
+            s.step(RefreshPlan.reuse_all(1, s.n_blocks, 3))
+        canvas = s.canvas.clone()
+        before = [layer_drift(s, canvas, layer) for layer in range(3)]
+        s.step(RefreshPlan(torch.full((1, s.n_blocks), start)))  # every block from `start` (the canvas it ran on)
+        drift[start] = (before, [layer_drift(s, canvas, layer) for layer in range(3)])
+    before, after = drift[1]
+    assert before[0] < 1e-6 < 1e-3 < before[1]  # the prompt's tokens did not change; layer 1 is the first to drift
+    assert after[1] > 0.9 * before[1]  # starting at layer 1 leaves layer 1's drift (its input is the stale cache)
+    assert max(drift[0][1]) < 1e-5  # starting one layer below (here layer 0) removes it
 
 
 def test_rows_masks_and_split(tmp_path):

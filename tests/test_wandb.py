@@ -4,6 +4,7 @@ hold the metrics, the resolved config and the exported policy artifact (read bac
 from __future__ import annotations
 
 import struct
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,7 +44,18 @@ def wandb_records(path: Path) -> list[bytes]:
     return out
 
 
-def read_offline_run(run_dir: Path) -> dict[str, set]:
+def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict[str, set]:
+    """Record kinds and keys of an offline run. wandb-core may still be writing the log when wandb.finish() returns
+    on a loaded machine, so wait for the run's `exit` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = _read_offline_run(run_dir)
+        if "exit" in found["kinds"] or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _read_offline_run(run_dir: Path) -> dict[str, set]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     found: dict[str, set] = defaultdict(set)
@@ -52,6 +64,7 @@ def read_offline_run(run_dir: Path) -> dict[str, set]:
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
+        found["kinds"].add(kind)
         if kind == "history":
             found["history"] |= {i.key or "/".join(i.nested_key) for i in record.history.item}
         elif kind == "config":
@@ -82,6 +95,7 @@ def test_offline_run_holds_metrics_config_and_artifact(offline_run):
     run_dir = Path(result["wandb_dir"])
     assert run_dir.name.startswith("offline-run-") and run_dir.parent == tmp / "out" / "wandb"
     found = read_offline_run(run_dir)
+    assert "exit" in found["kinds"], found["kinds"]
     assert {"train/loss", "val/loss", "val/ap", "val/auroc", "val/recall", "gen/exact_match",
             "gen/flop_fraction"} <= found["history"], found["history"]
     assert {"policy", "trainer", "data", "logger", "mode"} <= found["config"]  # the resolved Hydra config
