@@ -38,6 +38,7 @@ from policies.rl_callbacks import (
     EpisodeMetricsCallback,
     GenerationEvalCallback,
     ProvenanceCheckpointCallback,
+    TimeLimitCallback,
     WandbOutputFormat,
     check_provenance,
     save_agent,
@@ -98,6 +99,8 @@ def validate_settings(s: dict[str, Any]) -> None:
         raise ValueError(f"rl.n_envs must be >= 1, got {s.get('n_envs')}")
     if int(s.get("total_timesteps", 1)) < 1:
         raise ValueError(f"rl.total_timesteps must be >= 1, got {s.get('total_timesteps')}")
+    if s.get("max_minutes") is not None and float(s["max_minutes"]) <= 0:
+        raise ValueError(f"rl.max_minutes must be > 0 (or null = no limit), got {s['max_minutes']}")
     if s.get("vec_env", "subproc") not in VEC_ENVS:
         raise ValueError(f"rl.vec_env={s.get('vec_env')!r}; use one of {list(VEC_ENVS)}")
     resolve_algo(s.get("algo", "ppo"), (s.get("env") or {}).get("action_mode", "binary"))
@@ -408,7 +411,8 @@ def train_agent(settings: dict[str, Any], env_kwargs: dict[str, Any], output_dir
             batch_size=int(ev.get("batch_size", 16)),
             flop_weight=float(ev.get("flop_weight", 0.1)), over_weight=float(ev.get("over_weight", 2.0)),
             best_path=ckpt_dir / "rl_agent_best.zip", at_start=at_start)
-        callbacks = [EpisodeMetricsCallback(), evaluator]
+        time_limit = TimeLimitCallback(settings.get("max_minutes"))
+        callbacks = [EpisodeMetricsCallback(), time_limit, evaluator]
         if int(ckpt.get("freq", 0)) > 0:
             callbacks.append(ProvenanceCheckpointCallback(max(int(ckpt["freq"]) // n_envs, 1), str(ckpt_dir),
                                                           name_prefix="rl_agent"))
@@ -446,6 +450,7 @@ def train_agent(settings: dict[str, Any], env_kwargs: dict[str, Any], output_dir
         if run is not None:
             log_artifact(run, Path(onnx_path), manifest)
         result = {"policy": str(onnx_path), "checkpoint": str(final_zip), "timesteps": int(model.num_timesteps),
+                  "stopped_by_time_limit": time_limit.stopped_early,
                   "budget_conditioned": budget_conditioned, "eval": history, "exported_eval": metrics,
                   "seconds": time.perf_counter() - started,
                   "wandb_dir": None if run is None else str(Path(run.dir).parent)}

@@ -102,6 +102,28 @@ class ProvenanceCheckpointCallback(CheckpointCallback):
         return True
 
 
+class TimeLimitCallback(BaseCallback):
+    """Stops `learn` once `max_minutes` of wall-clock time have passed since training started (None: no limit)."""
+
+    def __init__(self, max_minutes: float | None, verbose: int = 0):
+        super().__init__(verbose)
+        self.max_seconds = None if max_minutes is None else 60.0 * float(max_minutes)
+        self.started = time.perf_counter()
+        self.stopped_early = False
+
+    def _on_training_start(self) -> None:
+        self.started = time.perf_counter()
+
+    def _on_step(self) -> bool:
+        if self.max_seconds is not None and time.perf_counter() - self.started > self.max_seconds:
+            if not self.stopped_early:
+                log.info("time limit of %.0f min reached at %d timesteps: stopping", self.max_seconds / 60,
+                         self.num_timesteps)
+            self.stopped_early = True
+            return False
+        return True
+
+
 # --- episode metrics ----------------------------------------------------------------------------------------------
 class EpisodeMetricsCallback(BaseCallback):
     """Averages the env's end-of-episode info into `rollout/<key>` (dumped with SB3's rollout metrics)."""

@@ -96,6 +96,7 @@ def trained(request, tmp_path_factory):
     ({"algo": "sac"}, "does not support MultiBinary"),
     ({"algo": "dqn"}, "does not support MultiBinary"),
     ({"n_envs": 0}, "n_envs must be >= 1"),
+    ({"max_minutes": 0}, "max_minutes must be > 0"),
     ({"total_timesteps": 0}, "total_timesteps must be >= 1"),
     ({"vec_env": "ray"}, "vec_env"),
     ({"eval": {"budgets": [1.5]}}, "budgets"),
@@ -407,3 +408,10 @@ def test_multirun_logs_one_offline_wandb_run_per_job(tmp_path):
     for run_dir in runs:
         keys = wandb_history_keys(run_dir)
         assert {"eval/exact_match@0.5", "record:config", "record:artifact"} <= keys
+
+
+def test_time_limit_stops_training_and_still_exports(tmp_path):
+    result = train(tmp_path, total_timesteps=100_000, max_minutes=1e-4, eval={"at_start": False, "freq": 0},
+                   checkpoint={"freq": 0})
+    assert result["stopped_by_time_limit"] and result["timesteps"] < 100_000
+    assert Path(result["policy"]).exists() and len(result["eval"]) == 1
