@@ -103,24 +103,61 @@ class TaskDataModule(L.LightningDataModule):
 
 # --- objective --------------------------------------------------------------------------------------------------
 
+def noise_mask(t: torch.Tensor, gen_length: int, semi_ar_fraction: float = 0.0,
+               answer_lengths: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, gen_length) bool: which generation tokens are masked.
+
+    LLaDA's forward process masks each token with probability t. A `semi_ar_fraction` of the rows instead get the
+    state semi-autoregressive, low-confidence decoding visits on these tasks: a clean prefix and a fully masked
+    suffix, cut at a uniform point of the answer (0..answer length, so EOS filling is not over-sampled). Why: under
+    i.i.d. masking the previous token of a masked answer token is itself masked half the time, so the model spends
+    its budget on "k tokens back" rules the decoder never needs; with a clean prefix the token after the cut has its
+    predecessor in view, which is the one rule each answer step applies.
+    """
+    B = t.shape[0]
+    masked = torch.rand(B, gen_length, generator=generator) < t
+    if semi_ar_fraction > 0:
+        limit = torch.full((B,), gen_length - 1) if answer_lengths is None else answer_lengths.clamp(0, gen_length - 1)
+        cut = (torch.rand(B, generator=generator) * (limit + 1).float()).long()
+        suffix = torch.arange(gen_length)[None, :] >= cut[:, None]
+        semi = torch.rand(B, generator=generator) < semi_ar_fraction
+        masked = torch.where(semi[:, None], suffix, masked)
+    return masked
+
+
 def diffusion_loss(model: LLaDAModel, batch: dict[str, torch.Tensor], mask_id: int, eps: float = 1e-3,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Masked-diffusion SFT loss of one batch (see module docstring)."""
+                   generator: torch.Generator | None = None, semi_ar_fraction: float = 0.0,
+                   weighting: str = "elbo", eos_id: int | None = None) -> torch.Tensor:
+    """Masked-diffusion SFT loss of one batch (see module docstring and `noise_mask`).
+
+    weighting: "elbo" = LLaDA's sum of CE / t over masked tokens per generation token (a likelihood bound);
+    "mean" = plain mean CE over the masked tokens. The 1/t weights (up to 1/eps) let a few lightly masked rows dominate
+    the gradient; the mean is the lower-variance choice when the goal is argmax decoding on a small CPU budget.
+    """
+    if weighting not in ("elbo", "mean"):
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected 'elbo' or 'mean'")
     ids, targets = batch["input_ids"], batch["targets"]
     B, G = targets.shape
     t = eps + (1 - eps) * torch.rand(B, 1, generator=generator)
-    masked = torch.rand(B, G, generator=generator) < t
+    lengths = None if eos_id is None else (targets != eos_id).sum(1)
+    masked = noise_mask(t, G, semi_ar_fraction, lengths, generator)
     noisy = ids.clone()
     noisy[:, -G:] = torch.where(masked, torch.full_like(targets, mask_id), targets)
     logits = model(noisy, key_mask=batch["key_mask"], positions=batch["positions"])[:, -G:]
     ce = F.cross_entropy(logits[masked], targets[masked], reduction="none")
+    if weighting == "mean":
+        return ce.mean() if ce.numel() else logits.sum() * 0.0
     return (ce / t.expand(B, G)[masked]).sum() / (B * G)
 
 
 class DiffusionLM(L.LightningModule):
     def __init__(self, model_cfg: ModelConfig, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
-                 min_lr_ratio: float = 0.1, eps: float = 1e-3, max_seconds: float | None = None):
+                 min_lr_ratio: float = 0.1, eps: float = 1e-3, max_seconds: float | None = None,
+                 semi_ar_fraction: float = 0.0, loss_weighting: str = "elbo", eos_id: int | None = None):
         super().__init__()
+        self.eos_id = eos_id
+        self.semi_ar_fraction, self.loss_weighting = semi_ar_fraction, loss_weighting
         self.model = LLaDAModel(model_cfg)
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.max_steps, self.min_lr_ratio, self.eps = max_steps, min_lr_ratio, eps
@@ -138,7 +175,9 @@ class DiffusionLM(L.LightningModule):
         return min(1.0, max(0.0, frac))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = diffusion_loss(self.model, batch, self.model.config.mask_token_id, self.eps)
+        loss = diffusion_loss(self.model, batch, self.model.config.mask_token_id, self.eps,
+                              semi_ar_fraction=self.semi_ar_fraction, weighting=self.loss_weighting,
+                              eos_id=self.eos_id)
         self.log("loss", loss, prog_bar=True)
         return loss
 
@@ -328,7 +367,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = DiffusionLM(model_cfg, lr=float(pcfg.lr), weight_decay=float(pcfg.weight_decay),
                          warmup_steps=int(pcfg.warmup_steps), max_steps=int(pcfg.steps),
                          min_lr_ratio=float(pcfg.min_lr_ratio), eps=float(pcfg.eps),
-                         max_seconds=float(pcfg.max_minutes) * 60 if pcfg.max_minutes else None)
+                         max_seconds=float(pcfg.max_minutes) * 60 if pcfg.max_minutes else None,
+                         semi_ar_fraction=float(pcfg.semi_ar_fraction), loss_weighting=str(pcfg.loss_weighting),
+                         eos_id=tok.eos_token_id)
     if pcfg.get("init_from"):
         # Continue from a saved checkpoint (same architecture), e.g. to train a stopped run further.
         from cache_core.checkpoint import load_model

@@ -14,6 +14,7 @@ from cache_core.pretrain import (
     diffusion_loss,
     left_pad,
     model_config_from,
+    noise_mask,
     run,
     standalone_config,
 )
@@ -68,6 +69,23 @@ def test_diffusion_loss_masks_only_the_generation_region():
     assert model.transformer["wte"].weight.grad is not None
 
 
+def test_noise_mask_semi_autoregressive_rows():
+    g = torch.Generator().manual_seed(0)
+    t = torch.full((400, 1), 0.5)
+    iid = noise_mask(t, 64, semi_ar_fraction=0.0, generator=g)
+    assert 0.45 < iid.float().mean() < 0.55
+    lengths = torch.randint(17, 40, (400,), generator=g)
+    semi = noise_mask(t, 64, semi_ar_fraction=1.0, answer_lengths=lengths, generator=g)
+    cuts = semi.float().argmax(1)  # first masked position
+    for row, cut, n in zip(semi, cuts.tolist(), lengths.tolist()):
+        assert not row[:cut].any() and row[cut:].all()  # a clean prefix, then a fully masked suffix
+        assert cut <= n  # cut inside the answer (or right after it), not deep in the EOS filling
+    assert len(set(cuts.tolist())) > 20  # cut points spread over the answer
+    mixed = noise_mask(t, 64, semi_ar_fraction=0.5, answer_lengths=lengths, generator=g)
+    is_suffix = torch.stack([r[int(r.float().argmax()):].all() & ~r[:int(r.float().argmax())].any() for r in mixed])
+    assert 0.4 < is_suffix.float().mean() < 0.65  # about half the rows (+ rare i.i.d. rows of that shape)
+
+
 def test_model_config_from_fills_tokenizer_ids():
     tok = Tokenizer()
     cfg = model_config_from({"vocab_size": None, "mask_token_id": None, **TINY, "checkpoint": "ignored"}, tok)
@@ -96,13 +114,13 @@ def test_pretrain_smoke_run_writes_loadable_checkpoint(tmp_path):
     result = run(cfg)
     out = tmp_path / "tiny"
     assert result["steps"] == 4
-    assert set(result["test_exact_match"]) == {"chain", "runsum", "arith", "all", "char_accuracy"}
+    assert set(result["test_exact_match"]) == {"repeat", "succ", "all", "char_accuracy"}
     assert [h["step"] for h in result["history"]] == [2, 4]
     model = load_model(out)
     assert model.config.d_model == 32 and model.config.n_kv_heads == 1
     assert load_tokenizer(out).vocab == Tokenizer().vocab
     extra = json.loads((out / "config.json").read_text())["blockreuse"]
-    assert extra["task"]["tasks"] == ["chain", "runsum", "arith"]
+    assert extra["task"]["tasks"] == ["repeat", "succ"]
     assert extra["steps"] == 4
     assert result["checkpoint_bytes"] < 20e6
 

@@ -2,6 +2,7 @@ import pytest
 
 from cache_core.tasks import (
     BLOCK_LENGTH,
+    BUILTIN_TASKS,
     GEN_LENGTH,
     TASK_NAMES,
     Example,
@@ -9,16 +10,21 @@ from cache_core.tasks import (
     arith_answer,
     chain_answer,
     parse_chain,
+    parse_walk,
     runsum_answer,
     score,
+    repeat_answer,
     split_of,
+    succ_answer,
+    walk_answer,
 )
 from cache_core.tokenizer import Tokenizer
 
 
 def test_constants_and_names():
     assert (GEN_LENGTH, BLOCK_LENGTH) == (64, 16)
-    assert set(TASK_NAMES) == {"chain", "runsum", "arith"}
+    assert set(TASK_NAMES) == {"chain", "walk", "repeat", "succ", "runsum", "arith"}
+    assert set(BUILTIN_TASKS) <= set(TASK_NAMES)
 
 
 def test_splits_are_deterministic_and_prefix_stable():
@@ -44,6 +50,14 @@ def test_test_never_in_train_and_no_duplicates():
     assert not extra & prompts["test"]
 
 
+def test_walk_split_is_by_step_and_start():
+    # Whatever the solved examples, a (step, start) walk of the test split never occurs in train.
+    suite = TaskSuite(["walk"])
+    test = {parse_walk(e.prompt) for e in suite.split("test", 40)}
+    train = {parse_walk(e.prompt) for e in suite.split("train", 400)}
+    assert test and not test & train
+
+
 def test_split_of_partitions_keys():
     names = [split_of(f"k{i}") for i in range(5000)]
     assert 0.07 < names.count("test") / 5000 < 0.13
@@ -54,20 +68,20 @@ def test_unknown_split_and_task_raise():
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         TaskSuite().split("dev", 3)
     with pytest.raises(ValueError, match="unknown task"):
-        TaskSuite(["chain", "sort"])
+        TaskSuite(["walk", "sort"])
     with pytest.raises(ValueError, match="n must be >= 0"):
         TaskSuite().split("test", -1)
 
 
 def test_tasks_alternate_and_subset():
-    exs = TaskSuite().split("validation", 6)
-    assert [e.task for e in exs] == list(TASK_NAMES) * 2
+    exs = TaskSuite().split("validation", 2 * len(BUILTIN_TASKS))
+    assert [e.task for e in exs] == list(BUILTIN_TASKS) * 2
     assert {e.task for e in TaskSuite(["runsum"]).split("test", 4)} == {"runsum"}
 
 
 def test_lengths_fit_the_builtin_setting():
     tok = Tokenizer()
-    for e in TaskSuite().split("test", 30):
+    for e in TaskSuite(list(TASK_NAMES)).split("test", 40):
         assert len(tok.encode(e.prompt)) >= 100
         assert 16 < len(e.answer) < GEN_LENGTH  # spans several blocks of 16, leaves room for EOS
         assert e.prompt.count("\n") >= 2  # a solved example precedes the query
@@ -75,7 +89,7 @@ def test_lengths_fit_the_builtin_setting():
 
 def test_answers_depend_on_earlier_answer_tokens():
     # chain: every answer letter is the table entry of the previous answer letter.
-    e = next(e for e in TaskSuite().split("test", 3) if e.task == "chain")
+    e = TaskSuite(["chain"]).split("test", 1)[0]
     table, start = parse_chain(e.prompt)
     assert e.answer == chain_answer(table, start)
     assert e.answer[0] == table[start]
@@ -86,17 +100,53 @@ def test_answers_depend_on_earlier_answer_tokens():
     # runsum: s_i = s_{i-1} + d_i; changing one digit shifts every later sum.
     assert runsum_answer("1234") == "1360"
     assert runsum_answer("5234")[1:] != runsum_answer("1234")[1:]
+    # repeat: every letter after the first period copies the one a period back.
+    r = TaskSuite(["repeat"]).split("test", 1)[0]
+    assert r.answer == repeat_answer(r.prompt.rsplit("\n", 1)[1].removesuffix(":"))
+    assert all(r.answer[i] == r.answer[i - 5] for i in range(5, len(r.answer)))
+    # succ: every letter is the alphabet successor of the previous one.
+    c = TaskSuite(["succ"]).split("test", 1)[0]
+    assert c.answer == succ_answer(c.prompt.rsplit(" ", 1)[1].removesuffix(":"))
+    assert all((ord(b) - ord(a)) % 26 == 1 for a, b in zip(c.answer, c.answer[1:]))
+    # walk: the next letter is `step` letters after the previous one on the ring given in the prompt.
+    w = next(e for e in TaskSuite(["walk"]).split("test", 1))
+    step, start = parse_walk(w.prompt)
+    ring = w.prompt.split(" ")[1]
+    assert w.answer == walk_answer(step, start)
+    assert all(ring[(ring.index(a) + step) % len(ring)] == b for a, b in zip(w.answer, w.answer[1:]))
     # arith: intermediate values feed the next operation.
-    assert arith_answer(7, "+5*3-9") == "267"  # 12 -> 2, 2*3 = 6, 6-9 = -3 -> 7
+    assert arith_answer(7, "+5*3-9") == "2 6 7"  # 12 -> 2, 2*3 = 6, 6-9 = -3 -> 7
+
+
+def test_arith_value_sits_at_a_fixed_distance_from_its_operation():
+    # Two characters per operation and per value: value i and operation i are a constant offset apart.
+    e = TaskSuite(["arith"]).split("test", 1)[0]
+    calc_line = e.prompt.split("\n")[-2]
+    ops = calc_line.removeprefix("calc ")[1:]
+    assert len(ops) == 2 * len(e.answer.split(" "))
+    assert e.answer[0::2] == e.answer.replace(" ", "")
 
 
 def test_prompt_contains_a_correct_solved_example():
-    for e in TaskSuite().split("train", 6):
+    for e in TaskSuite(list(TASK_NAMES)).split("train", 12):
         lines = e.prompt.split("\n")
         if e.task == "chain":
             table, _ = parse_chain(e.prompt)
             shot_start, shot_answer = lines[1].removeprefix("from ").split(": ")
             assert shot_answer == chain_answer(table, shot_start)
+        elif e.task == "repeat":
+            for line in lines[1:-1]:
+                motif, shot_answer = line.split(": ")
+                assert shot_answer == repeat_answer(motif)
+        elif e.task == "succ":
+            for line in lines[1:-1]:
+                shot_start, shot_answer = line.removeprefix("from ").split(": ")
+                assert shot_answer == succ_answer(shot_start)
+        elif e.task == "walk":
+            step, _ = parse_walk(e.prompt)
+            for line in lines[1:-1]:
+                shot_start, shot_answer = line.removeprefix("from ").split(": ")
+                assert shot_answer == walk_answer(step, shot_start)
         elif e.task == "runsum":
             assert lines[2] == "out " + runsum_answer(lines[1].removeprefix("in "))
             assert e.answer == runsum_answer(lines[3].removeprefix("in "))
