@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import wandb_records
 
 from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID, StepFeatures
 from cache_core.generate import generate
@@ -304,23 +305,7 @@ def wandb_history_keys(run_dir: Path, timeout: float = 30.0) -> set[str]:
 def _read_wandb_keys(path: Path) -> set[str]:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    records, pending, pos, block = [], b"", 7, 32768
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            records.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            records.append(pending + chunk)
+    records = wandb_records(path)
     keys: set[str] = set()
     kinds: set[str] = set()
     for raw in records:

@@ -3,45 +3,17 @@ hold the metrics, the resolved config and the exported policy artifact (read bac
 
 from __future__ import annotations
 
-import struct
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import wandb_records
 from test_predictor import compose_cfg
 
 from envs.testing import save_tiny_checkpoint
 from policies.data import write_synthetic_shards
 from policies.supervised import run, run_names
-
-_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) records
-
-
-def wandb_records(path: Path) -> list[bytes]:
-    """Raw records of a .wandb transaction log (7-byte ':W&B' header, then full/first/middle/last fragments)."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a W&B transaction log"
-    pos, pending, out = 7, b"", []
-    while pos + 7 <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if length == 0 and kind == 0:
-            pos += left
-            continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            out.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            out.append(pending + chunk)
-    return out
 
 
 def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict[str, set]:
