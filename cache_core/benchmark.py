@@ -212,13 +212,15 @@ def run(cfg) -> dict:
     if b.threads:
         torch.set_num_threads(int(b.threads))
     model, tokenizer = load_builtin(cfg)
+    model = model.to(b.get("device") or "cpu")
     examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(b.split, int(b.n_examples))
     specs = heuristic_specs(b.policies, include_oracle=b.include_oracle)
     caps = {int(k): int(v) for k, v in (b.examples_per_batch_size or {}).items()}
     rows = evaluate_policies(model, tokenizer, examples, specs, list(b.batch_sizes), generation_kwargs(cfg),
                              examples_per_batch_size=caps)
     meta = {"model": str(cfg.paths.model), "split": b.split, "n_examples": len(examples), "caps": caps,
-            "generation": generation_kwargs(cfg), "threads": torch.get_num_threads()}
+            "generation": generation_kwargs(cfg), "threads": torch.get_num_threads(),
+            "device": str(model.device)}
     out = write_results(rows, b.output_dir or cfg.paths.output, "benchmark", meta)
     log.info("benchmark written: %s", out)
     print(f"JSON: {out['json']}\nplot: {out['plot']}")

@@ -118,16 +118,17 @@ def compute_features(session: DecodingSession, budget: float | None = None) -> S
 
     gen_masked = (s.canvas[:, s.prompt_region:] == s.mask_id).float().mean(1)
     spent = s.stats.flop_fraction if s.stats.steps else 1.0
+    device = s.canvas.device
     global_features = torch.stack(
         [
             1.0 - gen_masked,
-            torch.full((B,), s.generation_block / s.n_generation_blocks),
-            torch.full((B,), min(s.step_in_block / s.block_length, 1.0)),
-            torch.full((B,), min(spent, 1.0)),
-            torch.full((B,), 1.0 if budget is None else float(budget)),
+            torch.full((B,), s.generation_block / s.n_generation_blocks, device=device),
+            torch.full((B,), min(s.step_in_block / s.block_length, 1.0), device=device),
+            torch.full((B,), min(spent, 1.0), device=device),
+            torch.full((B,), 1.0 if budget is None else float(budget), device=device),
         ],
         dim=-1,
-    ).to(block_features.device)
+    )
     return StepFeatures(block_features.float(), global_features.float())
 
 

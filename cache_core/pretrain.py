@@ -118,7 +118,10 @@ def noise_mask(t: torch.Tensor, gen_length: int, semi_ar_fraction: float = 0.0,
     B = t.shape[0]
     masked = torch.rand(B, gen_length, generator=generator) < t
     if semi_ar_fraction > 0:
-        limit = torch.full((B,), gen_length - 1) if answer_lengths is None else answer_lengths.clamp(0, gen_length - 1)
+        if answer_lengths is None:
+            limit = torch.full((B,), gen_length - 1)
+        else:
+            limit = answer_lengths.cpu().clamp(0, gen_length - 1)
         cut = (torch.rand(B, generator=generator) * (limit + 1).float()).long()
         suffix = torch.arange(gen_length)[None, :] >= cut[:, None]
         semi = torch.rand(B, generator=generator) < semi_ar_fraction
@@ -139,9 +142,11 @@ def diffusion_loss(model: LLaDAModel, batch: dict[str, torch.Tensor], mask_id: i
         raise ValueError(f"unknown loss weighting {weighting!r}; expected 'elbo' or 'mean'")
     ids, targets = batch["input_ids"], batch["targets"]
     B, G = targets.shape
+    # Noise is drawn on the CPU (the generator's device, the same draws whatever the accelerator), then moved.
     t = eps + (1 - eps) * torch.rand(B, 1, generator=generator)
     lengths = None if eos_id is None else (targets != eos_id).sum(1)
-    masked = noise_mask(t, G, semi_ar_fraction, lengths, generator)
+    masked = noise_mask(t, G, semi_ar_fraction, lengths, generator).to(targets.device)
+    t = t.to(targets.device)
     noisy = ids.clone()
     noisy[:, -G:] = torch.where(masked, torch.full_like(targets, mask_id), targets)
     logits = model(noisy, key_mask=batch["key_mask"], positions=batch["positions"])[:, -G:]
@@ -386,7 +391,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = TaskDataModule(suite, tok, int(pcfg.batch_size), stream=int(pcfg.seed))
     trainer = L.Trainer(
         max_steps=int(pcfg.steps), max_time=({"minutes": float(pcfg.max_minutes)} if pcfg.max_minutes else None),
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        accelerator=str(pcfg.get("accelerator", "cpu")), devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=bool(pcfg.progress_bar), enable_model_summary=False,
         gradient_clip_val=float(pcfg.grad_clip), callbacks=[callback], num_sanity_val_steps=0,
     )

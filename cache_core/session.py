@@ -109,8 +109,8 @@ class DecodingSession:
         prompt_positions[:, : self.prompt_region] = True
         self.confidence = prompt_positions.float()  # the prompt is certain; unseen positions have no confidence yet
         self.entropy = torch.zeros(B, N, device=device)
-        self.attention_mass = torch.zeros(B, N)
-        self.previous_attention_mass = torch.zeros(B, N)
+        self.attention_mass = torch.zeros(B, N, device=device)
+        self.previous_attention_mass = torch.zeros(B, N, device=device)
         self.refresh_drift = torch.zeros(B, N, device=device)
         self.stats = GenerationStats()
         self.last_trace: PartialForwardTrace | None = None
@@ -267,7 +267,7 @@ class DecodingSession:
         self.entropy.scatter_(1, positions, open_ * block_entropy + (1 - open_) * self.entropy.gather(1, positions))
         if trace.attention_to_keys is not None:
             self.previous_attention_mass = self.attention_mass
-            self.attention_mass = trace.attention_to_keys[-1].mean(1)
+            self.attention_mass = trace.attention_to_keys[-1].mean(1).to(self.canvas.device)  # traces live on the CPU
         if trace.value_drift is not None:
             seen = ~torch.isnan(trace.value_drift)
             self.refresh_drift = torch.where(seen, trace.value_drift, self.refresh_drift)

@@ -114,13 +114,13 @@ def test_pretrain_smoke_run_writes_loadable_checkpoint(tmp_path):
     result = run(cfg)
     out = tmp_path / "tiny"
     assert result["steps"] == 4
-    assert set(result["test_exact_match"]) == {"repeat", "succ", "all", "char_accuracy"}
+    assert set(result["test_exact_match"]) == {"repeat", "succ", "runsum", "all", "char_accuracy"}
     assert [h["step"] for h in result["history"]] == [2, 4]
     model = load_model(out)
     assert model.config.d_model == 32 and model.config.n_kv_heads == 1
     assert load_tokenizer(out).vocab == Tokenizer().vocab
     extra = json.loads((out / "config.json").read_text())["blockreuse"]
-    assert extra["task"]["tasks"] == ["repeat", "succ"]
+    assert extra["task"]["tasks"] == ["repeat", "succ", "runsum"]
     assert extra["steps"] == 4
     assert result["checkpoint_bytes"] < 20e6
 

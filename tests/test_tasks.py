@@ -9,6 +9,7 @@ from cache_core.tasks import (
     TaskSuite,
     arith_answer,
     chain_answer,
+    parity_answer,
     parse_chain,
     parse_walk,
     repeat_answer,
@@ -23,7 +24,7 @@ from cache_core.tokenizer import Tokenizer
 
 def test_constants_and_names():
     assert (GEN_LENGTH, BLOCK_LENGTH) == (64, 16)
-    assert set(TASK_NAMES) == {"chain", "walk", "repeat", "succ", "runsum", "arith"}
+    assert set(TASK_NAMES) == {"chain", "walk", "repeat", "succ", "runsum", "parity", "arith"}
     assert set(BUILTIN_TASKS) <= set(TASK_NAMES)
 
 
@@ -100,6 +101,9 @@ def test_answers_depend_on_earlier_answer_tokens():
     # runsum: s_i = s_{i-1} + d_i; changing one digit shifts every later sum.
     assert runsum_answer("1234") == "1360"
     assert runsum_answer("5234")[1:] != runsum_answer("1234")[1:]
+    # parity: p_i = p_{i-1} xor b_i; flipping one bit flips every later answer bit.
+    assert parity_answer("1101") == "1001"
+    assert all(a != b for a, b in zip(parity_answer("0101")[1:], parity_answer("1101")[1:]))
     # repeat: every letter after the first period copies the one a period back.
     r = TaskSuite(["repeat"]).split("test", 1)[0]
     assert r.answer == repeat_answer(r.prompt.rsplit("\n", 1)[1].removesuffix(":"))
@@ -147,6 +151,10 @@ def test_prompt_contains_a_correct_solved_example():
             for line in lines[1:-1]:
                 shot_start, shot_answer = line.removeprefix("from ").split(": ")
                 assert shot_answer == walk_answer(step, shot_start)
+        elif e.task == "parity":
+            for bits_line, out_line in zip(lines[1:-2:2], lines[2:-2:2]):
+                assert out_line == "out " + parity_answer(bits_line.removeprefix("in "))
+            assert e.answer == parity_answer(lines[-2].removeprefix("in "))
         elif e.task == "runsum":
             assert lines[2] == "out " + runsum_answer(lines[1].removeprefix("in "))
             assert e.answer == runsum_answer(lines[3].removeprefix("in "))
