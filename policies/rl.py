@@ -479,7 +479,7 @@ def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
     for key, value in kwargs.items():
         if isinstance(value, (str, int, float, bool)) or value is None:
             out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
             out[key] = list(value)
         else:
             out[key] = type(value).__name__

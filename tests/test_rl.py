@@ -400,3 +400,10 @@ def test_time_limit_stops_training_and_still_exports(tmp_path):
                    checkpoint={"freq": 0})
     assert result["stopped_by_time_limit"] and result["timesteps"] < 100_000
     assert Path(result["policy"]).exists() and len(result["eval"]) == 1
+
+
+def test_manifest_env_summary_keeps_name_lists() -> None:
+    from policies.rl import _plain
+
+    out = _plain({"tasks": ["repeat", "runsum"], "budget": [0.1, 0.6], "split": "train", "model": object()})
+    assert out == {"tasks": ["repeat", "runsum"], "budget": [0.1, 0.6], "split": "train", "model": "object"}
