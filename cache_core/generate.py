@@ -32,11 +32,16 @@ def generate(model: LLaDAModel, prompts: list[list[int]] | list[torch.Tensor], g
     budget-conditioned learned policies (a FLOP fraction in (0, 1]).
     """
     policy = make_policy(policy, **policy_knobs)
+    if budget is None:  # a budget-conditioned policy runs at the budget its manifest names, not at budget 1
+        budget = policy.default_budget
     if budget is not None and not 0.0 < budget <= 1.0:
         raise ValueError(f"budget={budget} must lie in (0, 1]")
+    # Attention traces cost a softmax per traced layer: all layers for attention-reading rules (Elastic-Cache),
+    # only the last for the feature schema's attention columns, none otherwise.
+    trace = True if policy.uses_attention else "last" if policy.uses_features else False
     session = DecodingSession(
         model, prompts, gen_length, block_length, steps, threshold=threshold, temperature=temperature,
-        remasking=remasking, seed=seed, trace_attention=policy.uses_features or policy.uses_attention,
+        remasking=remasking, seed=seed, trace_attention=trace,
     )
     policy.reset(session.batch_size)
     while not session.done:

@@ -63,6 +63,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         )
     if manifest.get("action_mode") not in ACTION_MODES or manifest.get("output") not in OUTPUTS:
         raise PolicyFileError(f"{mpath}: action_mode must be one of {ACTION_MODES} and output one of {OUTPUTS}")
+    default = manifest.get("default_budget")
+    if default is not None and not (manifest.get("budget_conditioned") and 0.0 < float(default) <= 1.0):
+        raise PolicyFileError(f"{mpath}: default_budget={default!r} needs budget_conditioned=true and a FLOP "
+                              "fraction in (0, 1]; re-export the policy")
     return manifest
 
 
@@ -71,7 +75,7 @@ class LearnedPolicy(ReusePolicy):
 
     Knob: `refresh_threshold` for refresh-logit outputs (higher = refresh less = aggressive; not `threshold`, which
     is generate()'s parallel-decoding argument); budget-conditioned policies read the budget given to
-    `generate(..., budget=...)` from the features.
+    `generate(..., budget=...)` from the features, and without one run at the manifest's `default_budget`.
     """
 
     name = "learned"
@@ -101,6 +105,8 @@ class LearnedPolicy(ReusePolicy):
         if not 0.0 <= self.refresh_threshold <= 1.0:
             raise ValueError(f"refresh_threshold={self.refresh_threshold} must lie in [0, 1]")
         self.input_name = self.session.get_inputs()[0].name
+        default_budget = manifest.get("default_budget")
+        self.default_budget = None if default_budget is None else float(default_budget)
 
     def scores(self, features: StepFeatures) -> np.ndarray:
         x = features.policy_input().detach().cpu().numpy().astype(np.float32)
@@ -122,7 +128,8 @@ class LearnedPolicy(ReusePolicy):
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, "path": self.path, "refresh_threshold": self.refresh_threshold,
-                "action_mode": self.action_mode, "source": self.manifest.get("source", {})}
+                "action_mode": self.action_mode, "default_budget": self.default_budget,
+                "source": self.manifest.get("source", {})}
 
 
 def load_policy(path: str | Path, **knobs: Any) -> LearnedPolicy:

@@ -13,6 +13,7 @@ Two forwards share every layer computation:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -128,26 +129,57 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=False)  # linear branch
         self.ff_out = nn.Linear(f, d, bias=False)
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated queries, rotated keys and values of the rows of x: each (B, heads, n, head_dim)."""
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries, rotated keys and values of the rows of x: each (B, heads, n, head_dim).
+        real: optional (B, n) bool, the rows that are not padding (see `rowwise`)."""
         cfg = self.cfg
         B, n, _ = x.shape
-        h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, n, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(B, n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(B, n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+
+        def project(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            h = self.attn_norm(rows)
+            return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+
+        q, k, v = rowwise(project, (x,), real)
+        q = q.view(B, n, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
 
     def finish(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               key_mask: torch.Tensor | None) -> torch.Tensor:
+               key_mask: torch.Tensor | None, real: torch.Tensor | None = None) -> torch.Tensor:
         """Attend the queries of x's rows to (keys, values) and apply the residual attention and MLP updates."""
         B, n, d = x.shape
         mask = None if key_mask is None else key_mask[:, None, None, :]
         grouped = self.cfg.n_kv_heads != self.cfg.n_heads
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=grouped)
-        x = x + self.attn_out(attn.transpose(1, 2).reshape(B, n, d))
-        h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+        def residual_updates(rows: torch.Tensor, attended: torch.Tensor) -> tuple[torch.Tensor]:
+            rows = rows + self.attn_out(attended)
+            h = self.ff_norm(rows)
+            return (rows + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)),)
+
+        return rowwise(residual_updates, (x, attn.transpose(1, 2).reshape(B, n, d)), real)[0]
+
+
+def rowwise(fn: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Tensor, ...],
+            real: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """fn (a per-position map of (B, n, ...) tensors) on the real rows only, packed into one (T, ...) batch.
+
+    A partial forward pads each batch row to the longest row's active count. When rows refresh different numbers of
+    positions (learned policies, the oracle) the padding can be most of the batch; the projections and the MLP, which
+    act on each position alone, then run on the T real positions instead. Padding slots get their row's first slot's
+    output: a padded index repeats that position (`active_index`), so the cache writes stay the same."""
+    if real is None:
+        return fn(*inputs)
+    outputs = fn(*(t[real] for t in inputs))
+    full = []
+    for out in outputs:
+        grid = out.new_zeros((*real.shape, *out.shape[1:]))
+        grid[real] = out
+        pad = ~real.view(*real.shape, *([1] * (out.dim() - 1)))
+        full.append(torch.where(pad, grid[:, :1], grid))
+    return tuple(full)
 
 
 @dataclass
@@ -155,8 +187,8 @@ class PartialForwardTrace:
     """What one partial forward observed, for features, heuristics and accounting.
 
     active_counts: (n_layers, B) positions computed per layer and row.
-    attention_to_keys: (n_layers, B, n_out, N) attention of each logit query on each key (mean over heads), only
-        when asked for; Elastic-Cache's drift test and the attention features read it.
+    attention_to_keys: (n_traced, B, n_out, N) attention of each logit query on each key (mean over heads), only
+        when asked for: every layer (Elastic-Cache's drift test) or the last one (the attention features).
     value_drift: (B, N) 1 - cosine(old cached value, new value), averaged over the layers where the position was
         recomputed and had been computed before; NaN where it was not recomputed.
     """
@@ -239,12 +271,14 @@ class LLaDAModel(nn.Module):
         return (logits, keys, values) if return_kv else logits
 
     def forward_partial(self, input_ids: torch.Tensor, cache: BlockKVCache, start_layer: torch.Tensor,
-                        logit_positions: torch.Tensor, trace_attention: bool = False,
+                        logit_positions: torch.Tensor, trace_attention: bool | str = False,
                         adaptive: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, PartialForwardTrace]:
         """Forward that recomputes position p only in layers >= start_layer[b, p] and reuses the cache elsewhere.
 
         input_ids: (B, N) canvas; start_layer: (B, N) ints in [0, n_layers] (n_layers = reuse in every layer);
         logit_positions: (B, n_out) positions whose logits are returned; they must start at layer 0.
+        trace_attention: True/"all": record every layer's attention of the logit queries (Elastic-Cache reads them);
+            "last": the last layer's only (all the feature schema reads); False: none.
         adaptive: optional (candidates (B, N) bool, fraction rho): dLLM-Cache's per-layer rule; at each layer the
             candidates' values are recomputed from the layer's current input, and the rho fraction least similar to
             the cached values are recomputed in that layer too.
@@ -265,7 +299,10 @@ class LLaDAModel(nn.Module):
 
         active_counts = torch.zeros(cfg.n_layers, B, dtype=torch.long)
         adaptive_counts = torch.zeros(cfg.n_layers, B, dtype=torch.long) if adaptive is not None else None
-        attention = torch.zeros(cfg.n_layers, B, logit_positions.shape[1], N) if trace_attention else None
+        if trace_attention not in (True, False, "all", "last"):
+            raise ValueError(f"trace_attention={trace_attention!r}; use True/'all', 'last' or False")
+        traced = [] if not trace_attention else [cfg.n_layers - 1] if trace_attention == "last" else range(cfg.n_layers)
+        attention = torch.zeros(len(traced), B, logit_positions.shape[1], N) if traced else None
         drift_sum = torch.zeros(B, N, device=input_ids.device)
         drift_n = torch.zeros(B, N, device=input_ids.device)
         extra_flops = 0.0
@@ -280,8 +317,9 @@ class LLaDAModel(nn.Module):
                 active = active | chosen
             idx, counts = active_index(active)
             active_counts[layer] = counts.cpu()
+            real = packing_mask(idx, counts)
             x = cache.hidden[layer][rows, idx]
-            q, k, v = block.qkv(x, cache.positions.gather(1, idx))
+            q, k, v = block.qkv(x, cache.positions.gather(1, idx), real)
             # Drift probe at no extra cost: compare each recomputed value with the one it replaces.
             was_computed = cache.computed[layer].gather(1, idx)
             old_v = cache.values[layer][rows, :, idx]  # (B, n, kv_heads, head_dim)
@@ -292,9 +330,9 @@ class LLaDAModel(nn.Module):
             cache.keys[layer][rows, :, idx] = k.transpose(1, 2)
             cache.values[layer][rows, :, idx] = v.transpose(1, 2)
             cache.computed[layer][rows, idx] = True
-            if trace_attention:
-                attention[layer] = self._attention_to_keys(q, cache, layer, idx, logit_positions)
-            x = block.finish(x, q, cache.keys[layer], cache.values[layer], cache.key_mask)
+            if layer in traced:
+                attention[layer - cfg.n_layers] = self._attention_to_keys(q, cache, layer, idx, logit_positions)
+            x = block.finish(x, q, cache.keys[layer], cache.values[layer], cache.key_mask, real)
             if layer + 1 < cfg.n_layers:
                 cache.hidden[layer + 1][rows, idx] = x
             else:
@@ -358,6 +396,18 @@ def active_index(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :n]  # active positions first, in order
     slot = torch.arange(n, device=active.device)[None, :]
     return torch.where(slot < counts[:, None], order, order[:, :1]), counts
+
+
+PACK_BELOW = 0.85  # pack the per-position layers when real positions fill less than this share of the padded batch
+
+
+def packing_mask(idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+    """The real (non-padding) slots of a padded index when packing them pays, else None (see `rowwise`)."""
+    if idx.shape[0] == 1 or int(counts.min()) < 1:
+        return None
+    if float(counts.sum()) >= PACK_BELOW * idx.numel():
+        return None
+    return unique_mask(idx, counts).bool()
 
 
 def unique_mask(idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,8 @@ class ReusePolicy:
     uses_attention: ClassVar[bool] = False
     knob: ClassVar[str | None] = None  # the parameter that moves the policy from conservative to aggressive
     knob_sweep: ClassVar[tuple] = ()  # conservative -> aggressive values for the benchmark
+    # The compute budget generate() uses when given none (budget-conditioned learned policies; None: no budget).
+    default_budget: float | None = None
 
     def reset(self, batch_size: int) -> None:
         """Called at the start of every generation."""

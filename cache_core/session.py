@@ -56,13 +56,15 @@ class DecodingSession:
     def __init__(self, model: LLaDAModel, prompts: list[list[int]] | list[torch.Tensor], gen_length: int,
                  block_length: int, steps: int | None, threshold: float | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", pad_id: int | None = None, seed: int | None = None,
-                 trace_attention: bool = True):
+                 trace_attention: bool | str = True):
         cfg = model.config
         validate_generation_args(prompts, gen_length, block_length, steps, threshold, temperature, remasking)
         self.model = model
         self.mask_id = cfg.mask_token_id
         self.gen_length, self.block_length = gen_length, block_length
         self.threshold, self.temperature, self.remasking = threshold, temperature, remasking
+        if trace_attention not in (True, False, "all", "last"):
+            raise ValueError(f"trace_attention={trace_attention!r}; use True/'all', 'last' or False")
         self.trace_attention = trace_attention
         self.n_generation_blocks = gen_length // block_length
         self.steps_per_block = None if steps is None else steps // self.n_generation_blocks

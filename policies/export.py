@@ -1,5 +1,5 @@
 """Export a trained network to the deployable policy format: `<path>.onnx` + `<path>.json` (`python train.py
-mode=export`).
+mode=export`). A supervised predictor also gets `<path>.safetensors` (its weights, for an RL warm start).
 
 The contract is `cache_core.learned` (read its docstring): the graph maps the feature schema's policy input
 `features` (B, n_blocks, F_block + F_global) to `refresh_logit` (B, n_blocks) or `action_logits` (B, n_blocks, A),
@@ -75,13 +75,14 @@ def _check_output(out: torch.Tensor, output: str, action_mode: str, n_layers: in
 
 def export_onnx(net: nn.Module, path: str | Path, *, action_mode: str, output: str, n_layers: int,
                 threshold: float = 0.5, budget_conditioned: bool = False, source: dict[str, Any] | None = None,
-                metrics: dict[str, Any] | None = None) -> Path:
+                metrics: dict[str, Any] | None = None, default_budget: float | None = None) -> Path:
     """Write `<path>.onnx` and its manifest `<path>.json` as `cache_core.learned` reads them; returns the .onnx path.
 
     net: any module mapping (B, n_blocks, F_block + F_global) float32 to the `output` tensor. action_mode: binary |
     depth. output: refresh_logit (binary only; a block is refreshed when sigmoid >= threshold) | action_logits
-    (argmax read as in the environment). Raises ValueError on an inconsistent combination, and RuntimeError when the
-    written file does not reproduce the network's decisions.
+    (argmax read as in the environment). default_budget: the budget a budget-conditioned policy runs at when
+    generate() is given none (else it would see budget 1 and refresh nearly everything). Raises ValueError on an
+    inconsistent combination, and RuntimeError when the written file does not reproduce the network's decisions.
     """
     if action_mode not in ACTION_MODES:
         raise ValueError(f"action_mode={action_mode!r}; choose one of {list(ACTION_MODES)}")
@@ -93,6 +94,9 @@ def export_onnx(net: nn.Module, path: str | Path, *, action_mode: str, output: s
         raise ValueError(f"n_layers={n_layers} must be >= 1 (the model's layer count)")
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold={threshold} must lie in [0, 1]")
+    if default_budget is not None and not (budget_conditioned and 0.0 < float(default_budget) <= 1.0):
+        raise ValueError(f"default_budget={default_budget} needs a budget-conditioned policy and a FLOP fraction in "
+                         "(0, 1]")
     onnx_path, json_path = policy_paths(path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -117,6 +121,7 @@ def export_onnx(net: nn.Module, path: str | Path, *, action_mode: str, output: s
         "format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION, "schema_id": SCHEMA_ID,
         "schema_version": SCHEMA_VERSION, "action_mode": action_mode, "n_layers": int(n_layers), "output": output,
         "threshold": float(threshold), "budget_conditioned": bool(budget_conditioned),
+        "default_budget": None if default_budget is None else float(default_budget),
         "input": {"name": INPUT_NAME, "shape": ["batch", "n_blocks", N_FEATURES],
                   "block_features": list(BLOCK_FEATURE_NAMES), "global_features": list(GLOBAL_FEATURE_NAMES)},
         "source": dict(source or {}), "metrics": dict(metrics or {}), "opset": OPSET,
@@ -163,26 +168,60 @@ def verify_export(net: nn.Module, path: str | Path, atol: float = 1e-4) -> None:
 
 # --- checkpoints -> files ----------------------------------------------------------------------------------------
 def export_checkpoint(ckpt_path: str | Path, path: str | Path, *, threshold: float | None = None,
-                      source: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
-    """Export a supervised Lightning checkpoint (policies.supervised.SupervisedPredictor) to `<path>.onnx/.json`."""
+                      source: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                      budget: float | None = None) -> Path:
+    """Export a supervised Lightning checkpoint (policies.supervised.SupervisedPredictor) to `<path>.onnx/.json`
+    (+ `.safetensors`). budget: a budget-conditioned predictor's default budget (None: the oracle FLOP fraction at
+    the training epsilon, `policy.epsilon`)."""
     from policies.supervised import SupervisedPredictor
 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"no supervised checkpoint at {ckpt_path}: train one with `python train.py "
                                 "mode=supervised` (or set policy.export.checkpoint to a .ckpt path)")
-    module = SupervisedPredictor.load_from_checkpoint(str(ckpt_path), map_location="cpu")
-    raw = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    # weights_only: tensors and plain containers, never code (our checkpoints hold nothing else).
+    module = SupervisedPredictor.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=True)
+    raw = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
     hp = module.hparams
     saved = (raw.get("blockreuse") or {}).get("val_metrics", {})
     info = {"kind": "supervised", "checkpoint": str(ckpt_path), "epoch": raw.get("epoch"),
             "global_step": raw.get("global_step"), "arch": hp.arch, "hidden": hp.hidden, "epsilon": hp.epsilon,
             "net": module.net.config(), **({"budget_epsilons": hp.budget_epsilons, "budgets": hp.budgets}
                                            if hp.budget_conditioned else {}), **(source or {})}
-    return export_onnx(module.net, path, action_mode=hp.action_mode, output=module.output, n_layers=hp.n_layers,
-                       threshold=hp.threshold if threshold is None else float(threshold),
-                       budget_conditioned=bool(hp.budget_conditioned), source=info,
-                       metrics={**saved, **(metrics or {})})
+    onnx_path = export_onnx(module.net, path, action_mode=hp.action_mode, output=module.output,
+                            n_layers=hp.n_layers, threshold=hp.threshold if threshold is None else float(threshold),
+                            budget_conditioned=bool(hp.budget_conditioned), source=info,
+                            metrics={**saved, **(metrics or {})},
+                            default_budget=(None if not hp.budget_conditioned else
+                                            float(hp.nominal_budget if budget is None else budget)))
+    write_weights(module.net, onnx_path, threshold=float(hp.threshold), action_mode=hp.action_mode,
+                  budget_conditioned=bool(hp.budget_conditioned))
+    return onnx_path
+
+
+WEIGHTS_FORMAT = "blockreuse-predictor-weights"
+
+
+def weights_path(path: str | Path) -> Path:
+    """`<path>.safetensors`: the exported predictor's network weights, next to its .onnx and .json."""
+    return policy_paths(path)[0].with_suffix(".safetensors")
+
+
+def write_weights(net: nn.Module, path: str | Path, *, threshold: float, action_mode: str,
+                  budget_conditioned: bool) -> Path:
+    """The `BlockPredictor` state dict as safetensors, with what a warm start needs in its header (net config,
+    training threshold, action mode, budget conditioning, feature schema). cache_core never reads it (it runs the
+    .onnx); `python train.py mode=rl` starts the RL agent from it (rl.warm_start)."""
+    from safetensors.torch import save_file
+
+    out = weights_path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    config = net.config() if hasattr(net, "config") else {}
+    save_file(state, str(out), metadata={
+        "format": WEIGHTS_FORMAT, "schema_id": SCHEMA_ID, "net_config": json.dumps(config),
+        "threshold": repr(float(threshold)), "action_mode": action_mode,
+        "budget_conditioned": json.dumps(bool(budget_conditioned))})
+    return out
 
 
 def resolve_checkpoint(cfg: DictConfig) -> Path:
@@ -204,7 +243,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """`mode=export`: the best (or last, or given) supervised checkpoint -> policy.export.path (.onnx + .json)."""
     ckpt = resolve_checkpoint(cfg)
     ecfg = cfg.policy.export
-    onnx_path = export_checkpoint(ckpt, str(ecfg.path), threshold=ecfg.get("threshold"))
-    json_path = onnx_path.with_suffix(".json")
-    print(f"exported policy: {onnx_path} (+ {json_path.name}) from {ckpt}")
-    return {"onnx": str(onnx_path), "manifest": str(json_path), "checkpoint": str(ckpt)}
+    onnx_path = export_checkpoint(ckpt, str(ecfg.path), threshold=ecfg.get("threshold"), budget=ecfg.get("budget"))
+    json_path, weights = onnx_path.with_suffix(".json"), weights_path(onnx_path)
+    print(f"exported policy: {onnx_path} (+ {json_path.name}, {weights.name}) from {ckpt}")
+    return {"onnx": str(onnx_path), "manifest": str(json_path), "weights": str(weights), "checkpoint": str(ckpt)}

@@ -1,9 +1,11 @@
 """The RL reuse agent (`python train.py mode=rl`): Stable-Baselines3 on `BlockReuseEnv`, exported like the predictor.
 
-    python train.py mode=rl                                  # PPO, binary actions, budget-conditioned, ~20 min
+    python train.py mode=rl                                  # PPO, binary, budget-conditioned, ~20 min; starts
+                                                             #   from the exported predictor (rl.warm_start=auto)
     python train.py mode=rl rl.env.action_mode=depth         # refresh depth per block (MultiDiscrete)
     python train.py mode=rl rl.algo=a2c rl.n_envs=4
-    python train.py mode=rl rl.warm_start=runs/supervised/mlp/best.ckpt   # start from the supervised predictor
+    python train.py mode=rl rl.warm_start=runs/supervised/mlp/best.ckpt   # start from a supervised checkpoint
+    python train.py mode=rl rl.warm_start=null               # from scratch (collapses to "never" on the built-in)
     python train.py mode=rl rl.resume=outputs/.../checkpoints/rl_agent_8192_steps.zip
     python train.py -m mode=rl rl.seed=0,1                   # Hydra multirun: one W&B run per job
 
@@ -25,6 +27,7 @@ is the ONNX file + JSON manifest, which holds no code.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cache_core.features import SCHEMA_ID
 from policies.rl_callbacks import (
     EpisodeMetricsCallback,
     GenerationEvalCallback,
@@ -108,9 +112,12 @@ def validate_settings(s: dict[str, Any]) -> None:
     for b in ev.get("budgets") or []:
         if b is not None and not 0.0 < float(b) <= 1.0:
             raise ValueError(f"rl.eval.budgets: {b} must lie in (0, 1] (or null = unconditioned)")
+    budget = (s.get("export") or {}).get("budget")
+    if budget is not None and not 0.0 < float(budget) <= 1.0:
+        raise ValueError(f"rl.export.budget={budget} must lie in (0, 1] (or null = the top of rl.env.budget)")
     if (s.get("export") or {}).get("which", "best") not in EXPORT_WHICH:
         raise ValueError(f"rl.export.which must be one of {list(EXPORT_WHICH)}")
-    if s.get("warm_start") and s.get("resume"):
+    if s.get("warm_start") not in (None, "auto") and s.get("resume"):
         raise ValueError("rl.warm_start and rl.resume are exclusive: a resumed run already has trained weights")
     activation = (s.get("policy") or {}).get("activation", "relu")
     if activation not in ACTIVATIONS:
@@ -180,10 +187,20 @@ def load_predictor_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor]
     if not path.is_file():
         raise FileNotFoundError(f"rl.warm_start={path}: no such file (the supervised predictor's checkpoint, e.g. "
                                 "checkpoints/policies/supervised/best.ckpt)")
+    header: dict[str, str] = {}
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        raw: Any = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = dict(f.metadata() or {})
+            raw: Any = load_file(str(path))
+        except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ValueError(f"rl.warm_start={path}: not a readable safetensors file ({err})") from err
+        if header.get("schema_id") not in (None, SCHEMA_ID):
+            raise ValueError(f"rl.warm_start={path}: built for feature schema {header['schema_id']!r}, this code "
+                             f"computes {SCHEMA_ID!r}; retrain the predictor (python train.py) and warm-start from it")
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -198,11 +215,44 @@ def load_predictor_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor]
         raise ValueError(f"rl.warm_start={path}: no BlockPredictor weights in it (no key ending in {anchor!r})")
     prefix = min(prefixes, key=len)
     tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and torch.is_tensor(v)}
+    if header:  # an exported predictor's weights (policies.export.write_weights): the facts are in the header
+        meta = {"net_config": json.loads(header.get("net_config") or "{}"),
+                "threshold": float(header.get("threshold", 0.5)),
+                "budget_conditioned": json.loads(header.get("budget_conditioned", "false")),
+                "action_mode": header.get("action_mode")}
+        return tensors, meta
     hp = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     extra = raw.get("blockreuse") if isinstance(raw, dict) else None
     meta = {"net_config": dict((extra or {}).get("net_config") or {}), "threshold": float(hp.get("threshold", 0.5)),
             "budget_conditioned": bool(hp.get("budget_conditioned", False)), "action_mode": hp.get("action_mode")}
     return tensors, meta
+
+
+def resolve_warm_start(settings: dict[str, Any], action_mode: str) -> str | None:
+    """rl.warm_start as a path or None. `auto` (the default) takes the exported predictor's weights
+    (rl.warm_start_auto, written by `mode=export` / the main job) when they exist and fit the action mode, and
+    otherwise starts from scratch with a warning saying why; an explicit path must fit (errors say why not)."""
+    value = settings.get("warm_start")
+    if value is None or str(value).lower() in ("null", "none", ""):
+        return None
+    if str(value).lower() != "auto":
+        return str(value)
+    if settings.get("resume"):
+        return None  # a resumed agent already has trained weights
+    path = Path(str(settings.get("warm_start_auto") or ""))
+    if not path.is_file():
+        log.warning("rl.warm_start=auto: no exported predictor weights at %s (written by `python train.py` or "
+                    "mode=export); the agent starts from scratch, which on the built-in model tends to collapse to "
+                    "refreshing nothing: train a predictor first, or set rl.warm_start=PATH", path)
+        return None
+    meta = load_predictor_checkpoint(path)[1]
+    if meta.get("action_mode") not in (None, action_mode):
+        log.warning("rl.warm_start=auto: the exported predictor at %s is a %s policy and this agent is %s; starting "
+                    "from scratch (train a %s predictor to warm-start it)", path, meta["action_mode"], action_mode,
+                    action_mode)
+        return None
+    log.info("rl.warm_start=auto: starting from the exported predictor %s", path)
+    return str(path)
 
 
 def warm_start_policy_kwargs(settings: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +315,8 @@ def warm_start(policy: PerBlockActorCriticPolicy, path: str | Path) -> dict[str,
 
 
 def export_agent(model: Any, path: str | Path, *, n_layers: int, budget_conditioned: bool,
-                 source: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
+                 source: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                 default_budget: float | None = None) -> Path:
     """The deterministic policy of `model` -> `<path>.onnx` + `<path>.json` via `policies.export.export_onnx`
     (output `action_logits`, read by `cache_core.learned.LearnedPolicy`)."""
     from policies.export import export_onnx
@@ -275,7 +326,8 @@ def export_agent(model: Any, path: str | Path, *, n_layers: int, budget_conditio
         raise ValueError(f"depth agent has {policy.k} actions per block but the model has n_layers={n_layers}")
     actor = ExportedActor(policy).eval()
     return Path(export_onnx(actor, path, action_mode=policy.action_mode, output="action_logits", n_layers=n_layers,
-                            budget_conditioned=budget_conditioned, source=source, metrics=metrics))
+                            budget_conditioned=budget_conditioned, source=source, metrics=metrics,
+                            default_budget=default_budget))
 
 
 # --- W&B -------------------------------------------------------------------------------------------------------------
@@ -347,7 +399,6 @@ def train_agent(settings: dict[str, Any], env_kwargs: dict[str, Any], output_dir
     BlockReuseEnv keyword arguments of the training envs (rl.env already merged in); eval_env_kwargs: those of the
     held-out prompts (default: env_kwargs on rl.eval.split with rl.eval.n_prompts); config: what W&B records as the
     run's config (default: settings and env_kwargs); wandb_cfg: W&B settings (default: rl.wandb)."""
-    import json
 
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import configure
@@ -358,6 +409,7 @@ def train_agent(settings: dict[str, Any], env_kwargs: dict[str, Any], output_dir
     settings = copy.deepcopy(settings)
     settings["env"] = {**(settings.get("env") or {}), "action_mode": env_kwargs.get("action_mode", "binary")}
     validate_settings(settings)
+    settings["warm_start"] = resolve_warm_start(settings, settings["env"]["action_mode"])
     started = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -445,7 +497,8 @@ def train_agent(settings: dict[str, Any], env_kwargs: dict[str, Any], output_dir
                   "eval_prompts": len(eval_env.prompts)}
         onnx_path = export_agent(model, export_path(ex.get("path") or output_dir / "rl_agent.onnx"),
                                  n_layers=eval_env.n_layers,
-                                 budget_conditioned=budget_conditioned, source=source, metrics=metrics)
+                                 budget_conditioned=budget_conditioned, source=source, metrics=metrics,
+                                 default_budget=default_budget(env_kwargs.get("budget"), ex.get("budget")))
         manifest = json.loads(Path(onnx_path).with_suffix(".json").read_text())
         if run is not None:
             log_artifact(run, Path(onnx_path), manifest)
@@ -461,6 +514,16 @@ def train_agent(settings: dict[str, Any], env_kwargs: dict[str, Any], output_dir
         venv.close()
         if run is not None:
             run.finish()
+
+
+def default_budget(env_budget: Any, chosen: float | None) -> float | None:
+    """The exported agent's budget when generate() is given none: rl.export.budget, else the most generous budget
+    it trained with (the top of rl.env.budget's range); None for an agent trained without budgets."""
+    if env_budget is None:
+        return None
+    if chosen is not None:
+        return float(chosen)
+    return float(max(env_budget)) if isinstance(env_budget, (list, tuple)) else float(env_budget)
 
 
 def export_path(path: str | Path) -> Path:

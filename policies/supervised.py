@@ -497,7 +497,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             exported = export_checkpoint(best, Path(str(cfg.paths.output)) / "predictor",
                                          source={"shards_dir": [str(d) for d in dm.shards_dirs]})
             result["exported"] = str(exported)
-            log_artifact(logger, [exported, exported.with_suffix(".json")], "block-predictor",
+            log_artifact(logger, [exported, exported.with_suffix(".json"), exported.with_suffix(".safetensors")],
+                         "block-predictor",
                          {"epsilon": float(pcfg.epsilon), "arch": str(pcfg.arch), "best_score": result["best_score"]})
         if logger is not None and trainer.is_global_zero:  # other ranks hold a dummy experiment
             result["wandb_dir"] = str(Path(logger.experiment.dir).parent)

@@ -279,3 +279,59 @@ def test_committed_tokens_are_never_remasked_or_changed() -> None:
         assert torch.equal(now[was], previous[was])
         assert torch.equal((previous == MASK_ID) & (now != MASK_ID), r.committed[:, s.prompt_region:])
         previous = now.clone()
+
+
+@pytest.mark.parametrize("policy", ["oracle", "elastic_cache", "dllm_cache"])
+def test_packed_rows_compute_what_padded_rows_do(policy: str, monkeypatch) -> None:
+    """Rows that refresh different numbers of positions are packed for the per-position layers (model.rowwise); the
+    logits and caches are those of the padded computation."""
+    import cache_core.model as model_module
+    from cache_core import make_policy
+    from cache_core.policy import StepContext
+
+    model = tiny_model(14, n_kv_heads=2)
+    prompts = random_prompts([3, 10, 6, 1], 14)
+    packed_calls = []
+    rowwise = model_module.rowwise
+
+    def spy(fn, inputs, real):
+        packed_calls.append(real is not None)
+        return rowwise(fn, inputs, real)
+
+    def run(pack_below: float):
+        monkeypatch.setattr(model_module, "PACK_BELOW", pack_below)
+        monkeypatch.setattr(model_module, "rowwise", spy)
+        pol = make_policy(policy)
+        s = DecodingSession(model, prompts, 12, 4, 6)
+        logits = []
+        while not s.done:
+            logits.append(s.step(pol.plan(s.features() if pol.uses_features else None, StepContext.of(s))).logits)
+        return logits, s.canvas, [k.clone() for k in s.cache.keys], [v.clone() for v in s.cache.values]
+
+    padded = run(0.0)
+    assert not any(packed_calls)
+    packed = run(1.01)
+    assert any(packed_calls), "no step packed its rows: the test does not reach the packed path"
+    for a, b in zip(padded[0], packed[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(padded[1], packed[1])
+    for a, b in zip(padded[2] + padded[3], packed[2] + packed[3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_last_layer_trace_is_the_full_trace_last_layer() -> None:
+    """generate() traces only the last layer's attention for feature-reading policies: same features, less work."""
+    from cache_core.policy import StepContext
+
+    model = tiny_model(15, n_layers=3)
+    prompts = random_prompts([4, 7], 15)
+    sessions = {t: DecodingSession(model, prompts, 8, 4, 4, trace_attention=t) for t in (True, "last")}
+    plan = RefreshPlan.refresh_all(2, sessions[True].cache.n_blocks)
+    for _ in range(2):
+        traces = {t: s.step(plan).trace.attention_to_keys for t, s in sessions.items()}
+        assert traces[True].shape[0] == 3 and traces["last"].shape[0] == 1
+        torch.testing.assert_close(traces["last"][0], traces[True][-1])
+        torch.testing.assert_close(sessions["last"].features().blocks, sessions[True].features().blocks)
+    assert StepContext.of(sessions["last"]).n_layers == 3
+    with pytest.raises(ValueError, match="trace_attention='first'"):
+        DecodingSession(model, prompts, 8, 4, 4, trace_attention="first")

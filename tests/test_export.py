@@ -107,6 +107,32 @@ def test_generate_runs_the_exported_file(tmp_path, model):
     assert knobbed.stats.flop_fraction <= live.stats.flop_fraction
 
 
+def test_budget_conditioned_file_runs_at_its_default_budget(tmp_path, model):
+    """A budget-conditioned policy given no budget runs at its manifest's default_budget, not at budget 1."""
+    class BudgetNet(torch.nn.Module):  # refresh every block above budget 0.5, none below
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 20.0 * (x[..., -1] - 0.5)
+
+    net = BudgetNet()
+    path = export_onnx(net, tmp_path / "p.onnx", action_mode="binary", output="refresh_logit", n_layers=N_LAYERS,
+                       budget_conditioned=True, default_budget=0.3)
+    policy = LearnedPolicy(path)
+    assert policy.default_budget == 0.3 and policy.describe()["default_budget"] == 0.3
+    prompts = [p for p, _ in random_pairs(n=3, seed=4)]
+    plain = generate(model, prompts, policy=str(path), **GEN)
+    at_default = generate(model, prompts, policy=str(path), budget=0.3, **GEN)
+    at_one = generate(model, prompts, policy=str(path), budget=1.0, **GEN)
+    assert plain.stats.flops == at_default.stats.flops and torch.equal(plain.tokens, at_default.tokens)
+    assert at_one.stats.flops != at_default.stats.flops  # the budget does steer this network
+    with pytest.raises(ValueError, match="default_budget=0.3 needs a budget-conditioned policy"):
+        export_onnx(net, tmp_path / "q", action_mode="binary", output="refresh_logit", n_layers=N_LAYERS,
+                    default_budget=0.3)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**manifest, "budget_conditioned": False}))
+    with pytest.raises(PolicyFileError, match="default_budget=0.3 needs budget_conditioned=true"):
+        LearnedPolicy(path)
+
+
 def test_other_schema_is_refused(tmp_path):
     path = export_onnx(BlockPredictor(hidden=8), tmp_path / "p", action_mode="binary", output="refresh_logit",
                        n_layers=N_LAYERS)
@@ -145,5 +171,35 @@ def test_export_mode_from_supervised_checkpoint(tmp_path):
     assert out["checkpoint"] == trained["best_ckpt"] and manifest["threshold"] == 0.3
     assert manifest["source"]["kind"] == "supervised" and "val/ap" in manifest["metrics"]
     assert LearnedPolicy(out["onnx"]).refresh_threshold == 0.3
+    # the weights for an RL warm start: the trained network's tensors, its config and training threshold
+    from policies.rl import load_predictor_checkpoint
+
+    tensors, meta = load_predictor_checkpoint(out["weights"])
+    state = torch.load(trained["best_ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    assert tensors.keys() == {k[len("net."):] for k in state if k.startswith("net.")}
+    assert all(torch.equal(v, state[f"net.{k}"]) for k, v in tensors.items())
+    assert meta["threshold"] == 0.5 and meta["action_mode"] == "binary" and meta["net_config"]["arch"] == "mlp"
     last = export.run(compose_cfg(tmp_path, "policy.export.checkpoint=last"))
     assert last["checkpoint"].endswith("last.ckpt")
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "policies"
+
+
+def test_shipped_policies_load_and_the_weights_match_the_graph():
+    """What ships in checkpoints/policies: both files load under this feature schema, and the predictor's
+    .safetensors (the RL warm start) is the network its .onnx runs."""
+    from policies.export import _random_features
+    from policies.rl import load_predictor_checkpoint
+
+    for name in ("predictor", "rl_agent"):
+        policy = LearnedPolicy(SHIPPED / f"{name}.onnx")
+        assert policy.manifest["schema_id"] == SCHEMA_ID
+    tensors, meta = load_predictor_checkpoint(SHIPPED / "predictor.safetensors")
+    net = BlockPredictor(**meta["net_config"]).eval()
+    net.load_state_dict(tensors)
+    x = _random_features(4, 7, seed=3)
+    with torch.no_grad():
+        expected = net(x).numpy()
+    got = LearnedPolicy(SHIPPED / "predictor.onnx").scores(SimpleNamespace(policy_input=lambda: x))
+    assert got.shape == expected.shape and abs(got - expected).max() < 1e-4

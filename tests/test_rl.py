@@ -102,6 +102,7 @@ def trained(request, tmp_path_factory):
     ({"vec_env": "ray"}, "vec_env"),
     ({"eval": {"budgets": [1.5]}}, "budgets"),
     ({"export": {"which": "median"}}, "export.which"),
+    ({"export": {"budget": 0.0}}, "rl.export.budget"),
     ({"warm_start": "a.ckpt", "resume": "b.zip"}, "exclusive"),
 ])
 def test_bad_settings_are_refused_before_anything_starts(tmp_path, overrides, match):
@@ -288,6 +289,66 @@ def test_warm_start_reproduces_the_supervised_predictor(tmp_path):
         warm_start(model_d.policy, ckpt)
 
 
+def test_warm_start_from_the_exported_predictor_weights(tmp_path, caplog):
+    """mode=export writes the predictor's weights next to its .onnx; rl.warm_start=auto (the default) starts from
+    them, and an agent so started decides as the exported file does."""
+    from envs.vector import make_sb3_vec_env
+    from policies.export import export_onnx, weights_path, write_weights
+    from policies.predictor import BlockPredictor
+    from policies.rl import (
+        build_agent,
+        load_predictor_checkpoint,
+        resolve_warm_start,
+        warm_start,
+        warm_start_policy_kwargs,
+    )
+
+    obs = stack(env_observations("binary", n=16))
+    x = policy_input(torch.as_tensor(obs["blocks"]), torch.as_tensor(obs["global"]))
+    x[..., -1] = 1.0
+    mask = torch.as_tensor(obs["block_mask"]).bool()
+    free = mask & torch.as_tensor(obs["blocks"][..., 2] < 0.5)
+    torch.manual_seed(1)
+    net = BlockPredictor(N_FEATURES, hidden=24, arch="transformer", n_outputs=1, n_layers_attn=1, n_heads=2).eval()
+    with torch.no_grad():
+        net.head.weight.mul_(20.0)
+        net.head.bias.add_(0.0123 - float(net(x, mask)[free].median()))
+    onnx_path = export_onnx(net, tmp_path / "predictor", action_mode="binary", output="refresh_logit", n_layers=2)
+    weights = write_weights(net, onnx_path, threshold=0.5, action_mode="binary", budget_conditioned=False)
+    assert weights == weights_path(tmp_path / "predictor") == tmp_path / "predictor.safetensors"
+    tensors, meta = load_predictor_checkpoint(weights)
+    assert meta["net_config"] == net.config() and meta["action_mode"] == "binary" and meta["threshold"] == 0.5
+    assert set(tensors) == set(net.state_dict())
+
+    auto = {"warm_start": "auto", "warm_start_auto": str(weights)}
+    assert resolve_warm_start(auto, "binary") == str(weights)
+    with caplog.at_level("WARNING", logger="policies.rl"):
+        assert resolve_warm_start(auto, "depth") is None  # a binary predictor cannot start a depth agent
+        assert resolve_warm_start({**auto, "warm_start_auto": str(tmp_path / "none.safetensors")}, "binary") is None
+    assert "binary policy and this agent is depth" in caplog.text and "starts from scratch" in caplog.text
+    assert resolve_warm_start({**auto, "warm_start": None}, "binary") is None
+    assert resolve_warm_start({**auto, "resume": "a.zip"}, "binary") is None
+
+    settings = warm_start_policy_kwargs(tiny_settings(tmp_path), meta)
+    model = build_agent("ppo", make_sb3_vec_env(env_kwargs(), 1, subproc=False, seed=0), settings)
+    assert warm_start(model.policy, weights)["head"]
+    with torch.no_grad():
+        expected = torch.sigmoid(net(x, mask)) >= 0.5
+        got = ExportedActor(model.policy).eval()(x).argmax(-1).bool()
+    assert torch.equal(got[free], expected[free]) and expected[free].any() and not expected[free].all()
+
+    other = tmp_path / "other.safetensors"  # weights written under another feature schema are refused
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(other),
+              metadata={"schema_id": "v0:old", "net_config": json.dumps(net.config()), "action_mode": "binary"})
+    with pytest.raises(ValueError, match="feature schema 'v0:old'"):
+        load_predictor_checkpoint(other)
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_predictor_checkpoint(tmp_path / "broken.safetensors")
+
+
 # --- vectorised training, offline W&B, the Hydra entry point --------------------------------------------------------
 def wandb_history_keys(run_dir: Path, timeout: float = 30.0) -> set[str]:
     """Metric keys of an offline W&B run, read from its `.wandb` record log (LevelDB log framing, protobuf records).
@@ -350,6 +411,7 @@ def test_train_py_mode_rl_from_hydra_config(tmp_path, monkeypatch):
     assert Path(result["policy"]) == tmp_path / "checkpoints" / "policies" / "rl_agent.onnx"
     manifest = json.loads(Path(result["policy"]).with_suffix(".json").read_text())
     assert manifest["budget_conditioned"] is True and manifest["source"]["env"]["budget"] == [0.1, 0.6]
+    assert manifest["default_budget"] == 0.6  # without a budget, generate() runs it at the top of its range
     assert manifest["source"]["eval_split"] == "validation"
 
 

@@ -72,7 +72,7 @@ def test_offline_run_holds_metrics_config_and_artifact(offline_run):
             "gen/flop_fraction"} <= found["history"], found["history"]
     assert {"policy", "trainer", "data", "logger", "mode"} <= found["config"]  # the resolved Hydra config
     assert "block-predictor" in found["artifacts"]
-    assert {"predictor.onnx", "predictor.json"} <= found["artifact_files"]
+    assert {"predictor.onnx", "predictor.json", "predictor.safetensors"} <= found["artifact_files"]
     assert {"tiny", "supervised", "blockreuse"} <= found["run"]
 
 
