@@ -182,8 +182,11 @@ class SupervisedPredictor(L.LightningModule):
 
     def policy(self, threshold: float | None = None) -> TorchPolicy:
         """The live network as a ReusePolicy (decisions as the exported file makes them)."""
-        return TorchPolicy(self.net, self.hparams.action_mode, self.output,
-                           refresh_threshold=self.hparams.threshold if threshold is None else threshold)
+        policy = TorchPolicy(self.net, self.hparams.action_mode, self.output,
+                             refresh_threshold=self.hparams.threshold if threshold is None else threshold)
+        if self.hparams.budget_conditioned:  # as exported: given no budget, run at the training epsilon's budget
+            policy.default_budget = float(self.hparams.nominal_budget)
+        return policy
 
 
 class GenerationCheck(L.Callback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,10 @@ def test_variants_train(tmp_path, variant):
         x = torch.rand(2, 4, F)
         x0, eps = module._condition(x, train=True)
         assert set(x0[..., BUDGET_COLUMN].flatten().tolist()) <= {float(torch.tensor(b)) for b in hp.budgets}
+        # the live policy (generation checks) and the exported file run at the same budget when given none
+        assert hp.nominal_budget < 1.0 and module.policy().default_budget == pytest.approx(hp.nominal_budget)
+        exported = json.loads(Path(result["exported"]).with_suffix(".json").read_text())
+        assert exported["default_budget"] == pytest.approx(hp.nominal_budget)
     else:
         assert module.net.arch == "transformer" and module.net.n_outputs == 3 and module.output == "action_logits"
 
