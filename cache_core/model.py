@@ -299,8 +299,7 @@ class LLaDAModel(nn.Module):
 
         active_counts = torch.zeros(cfg.n_layers, B, dtype=torch.long)
         adaptive_counts = torch.zeros(cfg.n_layers, B, dtype=torch.long) if adaptive is not None else None
-        if trace_attention not in (True, False, "all", "last"):
-            raise ValueError(f"trace_attention={trace_attention!r}; use True/'all', 'last' or False")
+        check_trace_attention(trace_attention)
         traced = [] if not trace_attention else [cfg.n_layers - 1] if trace_attention == "last" else range(cfg.n_layers)
         attention = torch.zeros(len(traced), B, logit_positions.shape[1], N) if traced else None
         drift_sum = torch.zeros(B, N, device=input_ids.device)
@@ -396,6 +395,12 @@ def active_index(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :n]  # active positions first, in order
     slot = torch.arange(n, device=active.device)[None, :]
     return torch.where(slot < counts[:, None], order, order[:, :1]), counts
+
+
+def check_trace_attention(value: bool | str) -> None:
+    """trace_attention of `forward_partial` / `DecodingSession`: True or "all", "last", or False."""
+    if value not in (True, False, "all", "last"):
+        raise ValueError(f"trace_attention={value!r}; use True/'all', 'last' or False")
 
 
 PACK_BELOW = 0.85  # pack the per-position layers when real positions fill less than this share of the padded batch

@@ -15,7 +15,7 @@ import torch
 from cache_core.accounting import GenerationStats, StepRecord, full_step_flops, step_flops
 from cache_core.cache import BlockKVCache, RefreshPlan
 from cache_core.features import StepFeatures, compute_features
-from cache_core.model import LLaDAModel, PartialForwardTrace
+from cache_core.model import LLaDAModel, PartialForwardTrace, check_trace_attention
 
 REMASKING = ("low_confidence", "random")
 
@@ -63,8 +63,7 @@ class DecodingSession:
         self.mask_id = cfg.mask_token_id
         self.gen_length, self.block_length = gen_length, block_length
         self.threshold, self.temperature, self.remasking = threshold, temperature, remasking
-        if trace_attention not in (True, False, "all", "last"):
-            raise ValueError(f"trace_attention={trace_attention!r}; use True/'all', 'last' or False")
+        check_trace_attention(trace_attention)  # here, so a bad value fails before the first step
         self.trace_attention = trace_attention
         self.n_generation_blocks = gen_length // block_length
         self.steps_per_block = None if steps is None else steps // self.n_generation_blocks

@@ -190,12 +190,11 @@ def load_predictor_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor]
     header: dict[str, str] = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:  # one read: the header and the tensors
                 header = dict(f.metadata() or {})
-            raw: Any = load_file(str(path))
+                raw: Any = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
             raise ValueError(f"rl.warm_start={path}: not a readable safetensors file ({err})") from err
         if header.get("schema_id") not in (None, SCHEMA_ID):
