@@ -1,12 +1,12 @@
 """blockreuse: one Hydra entry point for every job.
 
     python train.py                     # the main job on the built-in model (see MAIN_PIPELINE)
-    python train.py mode=pretrain       # train the built-in diffusion LM
-    python train.py mode=benchmark      # every heuristic policy across its knob, batch 1 and 16
+    python train.py --help              # the modes, one line each, and the config groups
     python train.py mode=<mode> key=value ...
 
-Each mode is one function `run(cfg) -> dict` in the package that owns it; this file only dispatches, so a reader
-follows a job top to bottom in that one function.
+Each mode is one function `run(cfg: RootConfig) -> dict` in the package that owns it; this file checks the whole
+config once (every group typed and validated, `policies.config`), sets the CPU threads once, and dispatches, so a
+reader follows a job top to bottom in that one function.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from policies.config import RootConfig, register_configs, typed
+
 log = logging.getLogger("blockreuse")
 
-MODES = {
-    "pretrain": "cache_core.pretrain",
-    "benchmark": "cache_core.benchmark",
+MODES = {  # mode -> the module whose run(cfg) does it
+    "pretrain": "cache_core.bench.pretrain",
+    "benchmark": "cache_core.bench.benchmark",
     "collect": "envs.collect",
     "env_benchmark": "envs.benchmark",
     "supervised": "policies.supervised",
@@ -30,26 +32,42 @@ MODES = {
     "export": "policies.export",
     "evaluate": "policies.evaluate",
 }
-MAIN_PIPELINE = ("collect", "supervised", "export", "evaluate")
+# The main job: collect rollouts, train the predictor (which exports itself into the run directory), evaluate it
+# against the heuristics, the oracle and the shipped policies. It writes into its run directory only.
+MAIN_PIPELINE = ("collect", "supervised", "evaluate")
+
+register_configs()  # the groups' schemas and the repo_root resolver, before Hydra composes
 
 
-def run_mode(mode: str, cfg: DictConfig) -> dict:
+def run_mode(mode: str, cfg: RootConfig | DictConfig) -> dict:
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {['main', *MODES]}")
+        raise ValueError(f"unknown mode {mode!r}; choose one of {['main', *MODES]} (python train.py --help)")
     module = importlib.import_module(MODES[mode])
     log.info("mode=%s (%s.run)", mode, MODES[mode])
-    return module.run(cfg)
+    return module.run(typed(cfg))
+
+
+def apply_threads(threads: int | None) -> int:
+    """The job's torch threads, once; worker processes inherit them through $BLOCKREUSE_THREADS."""
+    from cache_core.runtime import THREADS_ENV, set_threads
+
+    if threads is not None:
+        os.environ[THREADS_ENV] = str(threads)
+    return set_threads(threads)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     os.environ.setdefault("WANDB_MODE", "offline")  # never reach for the network unless asked (logger.mode=online)
+    if cfg.mode != "main" and cfg.mode not in MODES:
+        raise ValueError(f"unknown mode {cfg.mode!r}; choose one of {['main', *MODES]} (python train.py --help)")
+    config = typed(cfg)  # every group checked before any job starts: a bad value names its key
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
-    if cfg.mode != "main":
-        return run_mode(cfg.mode, cfg)
-    results = {}
-    for mode in MAIN_PIPELINE:
-        results[mode] = run_mode(mode, cfg)
+    log.info("torch threads: %d; run directory: %s", apply_threads(config.threads), config.paths.output)
+    if config.mode != "main":
+        return run_mode(config.mode, config)
+    results = {mode: run_mode(mode, config) for mode in MAIN_PIPELINE}
+    log.info("main job done; every file it wrote is under %s", config.paths.output)
     return results
 
 

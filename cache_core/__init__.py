@@ -1,19 +1,27 @@
-"""blockreuse inference engine: the masked-diffusion model, the one generate loop, the block KV cache and policies.
+"""blockreuse inference engine: model families, the one generate loop, the block KV cache, features and policies.
 
-Importing cache_core loads neither Lightning nor Stable-Baselines3 (only `cache_core.pretrain`, a training module,
-needs Lightning).
+The engine imports no training or tracking framework (Lightning, Stable-Baselines3, W&B, Hydra, omegaconf,
+matplotlib); the built-in tasks, pretraining and the policy benchmark live apart in `cache_core.bench`.
+Importing it sets torch's CPU threads once (`cache_core.runtime`).
 """
 
-from cache_core.cache import BlockKVCache, RefreshPlan
-from cache_core.checkpoint import CheckpointError, load_model, load_tokenizer, save_checkpoint
-from cache_core.features import SCHEMA_ID, SCHEMA_VERSION, StepFeatures
-from cache_core.generate import GenerationResult, generate
-from cache_core.model import LLaDAModel, ModelConfig
-from cache_core.policy import OraclePolicy, ReusePolicy, StepContext, make_policy, policy_registry
-from cache_core.session import DecodingSession
+from cache_core.runtime import set_threads
+
+set_threads()
+
+from cache_core.cache import BlockKVCache, RefreshPlan  # noqa: E402
+from cache_core.checkpoint import CheckpointError, load_model, load_tokenizer, save_checkpoint  # noqa: E402
+from cache_core.features import SCHEMA_ID, SCHEMA_VERSION, StepFeatures  # noqa: E402
+from cache_core.generate import GenerationResult, generate  # noqa: E402
+from cache_core.models import DiffusionModel, LLaDAModel, ModelConfig, ModelFacts  # noqa: E402
+from cache_core.oracle import OraclePolicy  # noqa: E402
+from cache_core.policy import ReusePolicy, StepContext, decide, run_step  # noqa: E402
+from cache_core.registry import make_policy, policy_registry, register_policy  # noqa: E402
+from cache_core.session import DecodingSession  # noqa: E402
 
 __all__ = [
-    "BlockKVCache", "CheckpointError", "DecodingSession", "GenerationResult", "LLaDAModel", "ModelConfig",
-    "OraclePolicy", "RefreshPlan", "ReusePolicy", "SCHEMA_ID", "SCHEMA_VERSION", "StepContext", "StepFeatures",
-    "generate", "load_model", "load_tokenizer", "make_policy", "policy_registry", "save_checkpoint",
+    "BlockKVCache", "CheckpointError", "DecodingSession", "DiffusionModel", "GenerationResult", "LLaDAModel",
+    "ModelConfig", "ModelFacts", "OraclePolicy", "RefreshPlan", "ReusePolicy", "SCHEMA_ID", "SCHEMA_VERSION",
+    "StepContext", "StepFeatures", "decide", "generate", "load_model", "load_tokenizer", "make_policy",
+    "policy_registry", "register_policy", "run_step", "save_checkpoint", "set_threads",
 ]

@@ -1,6 +1,8 @@
 """Compute and memory accounting, counted from what actually ran.
 
-Per layer, for n recomputed positions attending to N keys (width d, key/value width d_kv, SwiGLU width f):
+A model family states the FLOPs of one of its layers for n recomputed positions attending to N keys
+(`DiffusionModel.layer_flops`) and of its output head (`head_flops`); for LLaDA, with width d, key/value width d_kv,
+SwiGLU width f:
     projections 2·n·d·(d + 2·d_kv)  (q, k, v)  +  2·n·d·d  (attention output)  +  2·n·3·d·f  (SwiGLU MLP)
     attention   4·n·N·d             (scores and weighted sum)
 plus the LM head, 2·n_out·d·vocab, for the positions whose logits the step reads. A full recompute of the same step
@@ -13,32 +15,19 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from cache_core.model import ModelConfig
-
-Count = torch.Tensor | float
+from cache_core.models.base import DiffusionModel
 
 
-def layer_flops(cfg: ModelConfig, n_queries: Count, n_keys: Count) -> Count:
-    d, d_kv, f = cfg.d_model, cfg.d_kv, cfg.mlp_hidden_size
-    projections = 2 * n_queries * d * (d + 2 * d_kv) + 2 * n_queries * d * d + 2 * n_queries * 3 * d * f
-    attention = 4 * n_queries * n_keys * d
-    return projections + attention
-
-
-def head_flops(cfg: ModelConfig, n_out: float) -> float:
-    return 2.0 * n_out * cfg.d_model * cfg.vocab_size
-
-
-def step_flops(cfg: ModelConfig, active_counts: torch.Tensor, n_keys: torch.Tensor, n_out: int) -> float:
+def step_flops(model: DiffusionModel, active_counts: torch.Tensor, n_keys: torch.Tensor, n_out: int) -> float:
     """FLOPs of a partial forward: active_counts (n_layers, B) positions run per layer, n_keys (B,) valid keys."""
-    per_layer = layer_flops(cfg, active_counts.double(), n_keys.double()[None, :].cpu())
-    return float(per_layer.sum()) + head_flops(cfg, n_out * active_counts.shape[1])
+    per_layer = model.layer_flops(active_counts.double(), n_keys.double()[None, :].cpu())
+    return float(per_layer.sum()) + model.head_flops(n_out * active_counts.shape[1])
 
 
-def full_step_flops(cfg: ModelConfig, n_keys: torch.Tensor, n_out: int) -> float:
+def full_step_flops(model: DiffusionModel, n_keys: torch.Tensor, n_out: int) -> float:
     """FLOPs a full recompute of the same canvas would spend: every valid position in every layer."""
     n = n_keys.double().cpu()
-    return float(layer_flops(cfg, n, n).sum()) * cfg.n_layers + head_flops(cfg, n_out * n.numel())
+    return float(model.layer_flops(n, n).sum()) * model.facts.n_layers + model.head_flops(n_out * n.numel())
 
 
 @dataclass

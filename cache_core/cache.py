@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cache_core.model import ModelConfig
+from cache_core.models.base import ModelFacts
 
 
 @dataclass
@@ -66,22 +66,23 @@ class RefreshPlan:
 class BlockKVCache:
     """Per-layer keys, values and layer inputs for every canvas position, updated in place by partial forwards."""
 
-    def __init__(self, cfg: ModelConfig, key_mask: torch.Tensor, positions: torch.Tensor, block_size: int,
+    def __init__(self, facts: ModelFacts, key_mask: torch.Tensor, positions: torch.Tensor, block_size: int,
                  dtype: torch.dtype = torch.float32):
         B, N = key_mask.shape
         if N % block_size:
             raise ValueError(f"canvas length {N} is not a multiple of the cache block size {block_size}")
         device = key_mask.device
-        self.cfg = cfg
+        self.facts = facts
         self.block_size = block_size
         self.n_blocks = N // block_size
         self.key_mask = key_mask  # (B, N) False on left padding: never attended to, never computed
         self.positions = positions  # (B, N) rotary positions, 0 at each row's first real token
-        kv_shape = (B, cfg.n_kv_heads, N, cfg.head_dim)
-        self.keys = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.values = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.hidden = [torch.zeros(B, N, cfg.d_model, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.computed = [torch.zeros(B, N, dtype=torch.bool, device=device) for _ in range(cfg.n_layers)]
+        L = facts.n_layers
+        kv_shape = (B, facts.n_kv_heads, N, facts.head_dim)
+        self.keys = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(L)]
+        self.values = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(L)]
+        self.hidden = [torch.zeros(B, N, facts.hidden_size, dtype=dtype, device=device) for _ in range(L)]
+        self.computed = [torch.zeros(B, N, dtype=torch.bool, device=device) for _ in range(L)]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,7 +95,7 @@ class BlockKVCache:
         computed in some layer start at layer 0; padding is never computed.
         """
         B, N = self.shape
-        L = self.cfg.n_layers
+        L = self.facts.n_layers
         plan.validate(B, self.n_blocks, L, N)
         start = plan.start_layer.to(required.device).repeat_interleave(self.block_size, dim=1)
         if plan.refresh_positions is not None:

@@ -1,15 +1,15 @@
-"""Save and load model checkpoints: one loader for our own checkpoints and local LLaDA directories.
+"""Save and load model checkpoints: one loader for every family, our own checkpoints and local real-model directories.
 
-Our format *is* the LLaDA layout (`config.json` + `model.safetensors` with `model.transformer.*` names), plus an
-optional `tokenizer.json` and a `blockreuse` entry in the config. So the built-in model loads exactly like a real
-LLaDA checkpoint, and a LLaDA directory (possibly sharded, with `model.safetensors.index.json`) needs no conversion.
+A checkpoint directory holds `config.json` and `model.safetensors` (or shards listed in `model.safetensors.index.json`),
+plus an optional `tokenizer.json` and a `blockreuse` entry in the config. The config's `model_type` picks the family
+(`cache_core.models.FAMILIES`); the family reads its config keys and names its weights. Our own format *is* the LLaDA
+layout, so the built-in model loads exactly like a real LLaDA checkpoint and a LLaDA directory needs no conversion.
 Weights are read with safetensors only: no pickle is ever loaded.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,128 +17,92 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cache_core.model import LLaDAModel, ModelConfig
-
-log = logging.getLogger(__name__)
+from cache_core.models import DiffusionModel, family_of
 
 FORMAT_VERSION = 1
-WEIGHT_PREFIX = "model."
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-# LLaDA config keys that do not change the maths we implement (bookkeeping, training-only settings).
-_IGNORED_KEYS = {
-    "architectures", "auto_map", "model_type", "torch_dtype", "transformers_version", "use_cache", "init_device",
-    "init_fn", "init_std", "init_cutoff_factor", "eos_token_id", "pad_token_id", "bos_token_id", "mlp_ratio",
-    "attention_dropout", "residual_dropout", "embedding_dropout", "precision", "flash_attention", "rope_full_precision",
-    "blockreuse", "alibi_bias_max", "block_group_size", "attention_layer_norm_with_affine", "layer_norm_with_affine",
-    "bias_for_layer_norm", "multi_query_attention", "new_embedding_init_range", "emb_init_std",
-}
-# Keys whose value must be the one we implement; anything else is a different architecture.
-_REQUIRED_VALUES = {
-    "activation_type": {"silu", "swiglu"},
-    "alibi": {False},
-    "rope": {True},
-    "include_bias": {False},
-    "include_qkv_bias": {False, None},
-    "layer_norm_type": {"rms"},  # OLMo/LLaDA "default" and "low_precision" are LayerNorm (mean-centred)
-    "scale_logits": {False, None},  # True multiplies the logits by 1/sqrt(d_model)
-    "input_emb_norm": {False, None},  # True multiplies the embeddings by sqrt(d_model)
-    "block_type": {"llama"},
-    "attention_layer_norm": {False},
-    "clip_qkv": {None},
-}
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded as it is; the message names the problem and the fix."""
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig:
-    """Build a ModelConfig from LLaDA-style config keys; refuse settings of another architecture."""
-    for key, allowed in _REQUIRED_VALUES.items():
-        if key in raw and raw[key] not in allowed:
-            raise CheckpointError(
-                f"{source}: {key}={raw[key]!r} is not supported (supported: {sorted(map(str, allowed))}); "
-                "this loader implements LLaDA's architecture only"
-            )
-    known = ModelConfig.field_names()
-    unknown = set(raw) - known - _IGNORED_KEYS - set(_REQUIRED_VALUES)
-    if unknown:
-        # A key we do not know may change the architecture: say so rather than ignore it silently.
-        log.warning("%s: ignoring unknown config keys %s", source, sorted(unknown))
-    missing = {"vocab_size", "mask_token_id"} - set(raw)
-    if missing:
-        raise CheckpointError(f"{source}: missing required keys {sorted(missing)}")
+def read_json(path: Path, what: str = "file") -> Any:
+    """A JSON file, with errors that name the file (bad bytes included, not a bare UnicodeDecodeError)."""
     try:
-        return ModelConfig(**{k: v for k, v in raw.items() if k in known})
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source}: {err}") from err
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: invalid JSON in this {what} ({err}); the file is corrupt") from err
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / INDEX_FILE
     try:
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
             tensors: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
-                tensors.update(load_file(directory / shard))
+                path = (directory / str(shard)).resolve()
+                if path.parent != directory.resolve():  # a shard path may not leave the checkpoint directory
+                    raise CheckpointError(f"{index}: shard {shard!r} lies outside {directory}; refusing to read it")
+                tensors.update(load_file(path))
             return tensors
         if (directory / WEIGHTS_FILE).exists():
             return load_file(directory / WEIGHTS_FILE)
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+    except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{directory}: cannot read weights ({err}); the file is corrupt or truncated") from err
     raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE} found")
 
 
 def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LLaDAModel:
-    """Load our own checkpoint or a local LLaDA checkpoint directory into an eval-mode LLaDAModel."""
+               device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load a checkpoint directory (our own or a local real-model directory) into an eval-mode model."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this a checkpoint directory?")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: invalid JSON ({err})") from err
-    cfg = config_from_dict(raw, str(config_path))
+    raw = read_json(config_path, "model config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    family = family_of(raw, str(config_path))
+    cfg = family.config_from_dict(raw, str(config_path))
     with torch.device("meta"):
-        model = LLaDAModel(cfg)
-    expected = {WEIGHT_PREFIX + k: v.shape for k, v in model.state_dict().items()}
+        model = family(cfg)
+    expected = {name: t.shape for name, t in model.checkpoint_tensors().items()}
     tensors = _read_weights(directory)
-    if cfg.weight_tying:
-        tensors.pop(WEIGHT_PREFIX + "transformer.ff_out.weight", None)
+    for name in model.optional_checkpoint_names():
+        tensors.pop(name, None)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{directory}: weights do not match config.json (missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
-            f", unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); check n_layers and that the "
-            "weights use LLaDA names (model.transformer.blocks.{i}.q_proj.weight, ...)"
+            f", unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); check {family.layer_count_key} and "
+            f"that the weights use {family.weight_names_hint}"
         )
     for name, shape in expected.items():
         if tensors[name].shape != shape:
             raise CheckpointError(
                 f"{directory}: {name} has shape {tuple(tensors[name].shape)} but config.json implies {tuple(shape)}; "
-                "the config does not describe these weights (check d_model, n_heads, n_kv_heads, mlp_hidden_size, "
-                "embedding_size)"
+                f"the config does not describe these weights (check {family.shape_keys})"
             )
-    state = {k[len(WEIGHT_PREFIX):]: v.to(dtype) for k, v in tensors.items()}
+    state = {k: v.to(dtype) for k, v in model.checkpoint_state(tensors).items()}
     model.load_state_dict(state, assign=True)
     return model.to(device).eval()
 
 
-def save_checkpoint(model: LLaDAModel, directory: str | Path, tokenizer: Any | None = None,
+def save_checkpoint(model: DiffusionModel, directory: str | Path, tokenizer: Any | None = None,
                     extra: dict[str, Any] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer.json) in the LLaDA layout."""
+    """Write config.json + model.safetensors (+ tokenizer.json) in the model family's layout."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    raw = model.config.to_dict()
+    raw = {"model_type": model.family, **model.config_dict()}
     raw["blockreuse"] = {"format_version": FORMAT_VERSION, **(extra or {})}
-    state = {WEIGHT_PREFIX + k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_tensors().items()}
     save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
     if tokenizer is not None:
@@ -158,4 +122,4 @@ def load_tokenizer(directory: str | Path):
 
 def read_extra(directory: str | Path) -> dict[str, Any]:
     """The `blockreuse` entry of a checkpoint's config (task settings, training metrics), or {}."""
-    return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("blockreuse", {})
+    return read_json(Path(directory) / CONFIG_FILE, "model config").get("blockreuse", {})

@@ -67,8 +67,13 @@ class StepFeatures:
 
     def policy_input(self) -> torch.Tensor:
         """Block features with the global features broadcast to every block: (B, n_blocks, F_block + F_global)."""
-        g = self.global_[:, None, :].expand(-1, self.blocks.shape[1], -1)
-        return torch.cat([self.blocks, g], dim=-1)
+        return policy_input(self.blocks, self.global_)
+
+
+def policy_input(blocks: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
+    """(B, n_blocks, F_block), (B, F_global) -> (B, n_blocks, F_block + F_global): what a learned policy reads (the
+    environment's observation and the training rows are assembled by this function too)."""
+    return torch.cat([blocks, global_[:, None, :].expand(-1, blocks.shape[1], -1)], dim=-1)
 
 
 def schema_table() -> str:

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from cache_core.accounting import GenerationStats
-from cache_core.model import LLaDAModel
-from cache_core.policy import ReusePolicy, StepContext, make_policy
+from cache_core.models.base import DiffusionModel
+from cache_core.policy import ReusePolicy, run_step
+from cache_core.registry import make_policy
 from cache_core.session import DecodingSession
 
 
@@ -20,8 +21,8 @@ class GenerationResult:
     policy: dict[str, Any]
 
 
-def generate(model: LLaDAModel, prompts: list[list[int]] | list[torch.Tensor], gen_length: int, block_length: int,
-             steps: int | None, threshold: float | None = None, temperature: float = 0.0,
+def generate(model: DiffusionModel, prompts: list[list[int]] | list[torch.Tensor], gen_length: int,
+             block_length: int, steps: int | None, threshold: float | None = None, temperature: float = 0.0,
              policy: str | ReusePolicy | None = None, remasking: str = "low_confidence", seed: int | None = None,
              budget: float | None = None, **policy_knobs: Any) -> GenerationResult:
     """Generate `gen_length` tokens after each prompt (LLaDA semantics, optional Fast-dLLM threshold decoding).
@@ -45,7 +46,5 @@ def generate(model: LLaDAModel, prompts: list[list[int]] | list[torch.Tensor], g
     )
     policy.reset(session.batch_size)
     while not session.done:
-        features = session.features(budget) if policy.uses_features else None
-        plan = policy.plan(features, StepContext.of(session, budget))
-        session.step(plan)
+        run_step(policy, session, budget)
     return GenerationResult(tokens=session.generated.clone(), stats=session.stats, policy=policy.describe())

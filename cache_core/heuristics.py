@@ -1,9 +1,12 @@
-"""Hand-set reuse rules from the literature, each a small `ReusePolicy` with one knob (see shared REFERENCE.md).
+"""Hand-set reuse rules from the literature, each a small `ReusePolicy` with one knob.
 
-Every plan here is a request: the cache always adds the decoding block and never-computed positions.
+Every plan here is a request: the cache always adds the decoding block and never-computed positions. A new heuristic
+is one class here (or in any module imported before use) decorated with `@register_policy`.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +14,13 @@ import torch.nn.functional as F
 from cache_core.cache import RefreshPlan
 from cache_core.features import StepFeatures
 from cache_core.policy import ReusePolicy, StepContext
+from cache_core.registry import register_policy
+
+if TYPE_CHECKING:
+    from cache_core.session import StepResult
 
 
+@register_policy
 class FullRecompute(ReusePolicy):
     """No cache: every block recomputed in every layer at every step (the reference)."""
 
@@ -23,6 +31,7 @@ class FullRecompute(ReusePolicy):
         return RefreshPlan.refresh_all(ctx.batch_size, ctx.n_blocks)
 
 
+@register_policy
 class NeverRefresh(ReusePolicy):
     """The most aggressive cache: only the positions being decoded are computed; everything else keeps the K/V of
     its first computation."""
@@ -34,6 +43,7 @@ class NeverRefresh(ReusePolicy):
         return RefreshPlan.reuse_all(ctx.batch_size, ctx.n_blocks, ctx.n_layers)
 
 
+@register_policy
 class FastDLLMCache(ReusePolicy):
     """Fast-dLLM (Wu et al. 2025) block-wise approximate KV cache.
 
@@ -46,6 +56,7 @@ class FastDLLMCache(ReusePolicy):
     name = "prefix_cache"
     mode = "prefix"
     uses_features = False
+    refresh_at_block_start = True
     knob = "refresh_interval"
     knob_sweep = (2, 4, 8, None)
 
@@ -55,20 +66,21 @@ class FastDLLMCache(ReusePolicy):
         self.refresh_interval = refresh_interval
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
-        periodic = self.refresh_interval is not None and ctx.step_in_block % self.refresh_interval == 0
-        if ctx.step_in_block == 0 or periodic:
+        if self.refresh_interval is not None and ctx.step_in_block % self.refresh_interval == 0:
             return RefreshPlan.refresh_all(ctx.batch_size, ctx.n_blocks)
         if self.mode == "prefix":
             return RefreshPlan.from_refresh_mask(ctx.block_mask(ctx.decoding_block), ctx.n_layers)
         return RefreshPlan.reuse_all(ctx.batch_size, ctx.n_blocks, ctx.n_layers)
 
 
+@register_policy
 class FastDLLMDualCache(FastDLLMCache):
     __doc__ = FastDLLMCache.__doc__
     name = "dual_cache"
     mode = "dual"
 
 
+@register_policy
 class DLLMCache(ReusePolicy):
     """dLLM-Cache (Liu et al. 2025): interval refresh with value-similarity partial updates.
 
@@ -101,11 +113,12 @@ class DLLMCache(ReusePolicy):
             refresh |= response
         plan = RefreshPlan.from_refresh_mask(refresh, L)
         if not bool(refresh[:, ctx.prompt_blocks:].all()) and self.rho > 0:
-            candidates = response.repeat_interleave(ctx.block_length, dim=1) & ctx.session.cache.key_mask.cpu()
-            plan.adaptive = (candidates.to(ctx.session.canvas.device), self.rho)
+            candidates = response.repeat_interleave(ctx.block_length, dim=1) & ctx.key_mask.cpu()
+            plan.adaptive = (candidates.to(ctx.device), self.rho)
         return plan
 
 
+@register_policy
 class ElasticCache(ReusePolicy):
     """Elastic-Cache (Nguyen-Tri et al. 2025): attention-drift test on the most-attended token, depth-aware refresh.
 
@@ -119,6 +132,7 @@ class ElasticCache(ReusePolicy):
     name = "elastic_cache"
     uses_features = False
     uses_attention = True
+    refresh_at_block_start = True
     knob = "gamma"
     knob_sweep = (0.99, 0.95, 0.9, 0.8, 0.5)
 
@@ -126,19 +140,22 @@ class ElasticCache(ReusePolicy):
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"elastic_cache gamma must lie in [0, 1], got {gamma}")
         self.gamma = gamma
-        self._previous: torch.Tensor | None = None
+        self._attention: list[torch.Tensor] = []  # the block's last two steps' attention traces, oldest first
 
     def reset(self, batch_size: int) -> None:
-        self._previous = None
+        self._attention = []
+
+    def on_block_start(self, ctx: StepContext) -> None:
+        self._attention = []  # the decoding queries change with the block: the last block's attention is no reference
+
+    def on_step_end(self, ctx: StepContext, result: StepResult) -> None:
+        self._attention = [*self._attention, result.trace.attention_to_keys][-2:]  # (L, B, n_out, N) each
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
         B, L = ctx.batch_size, ctx.n_layers
-        current = None if ctx.last_trace is None else ctx.last_trace.attention_to_keys  # (L, B, n_out, N)
-        if ctx.step_in_block == 0:
-            current = None  # the decoding queries change with the block: the previous block's attention is no reference
-        previous, self._previous = self._previous, current
-        if ctx.step_in_block == 0 or current is None or previous is None:
+        if len(self._attention) < 2:
             return RefreshPlan.refresh_all(B, ctx.n_blocks)
+        previous, current = self._attention
         most = previous.mean(2).argmax(-1)  # (L, B) most-attended key per layer at the step before last
         index = most[:, :, None, None].expand(-1, -1, current.shape[2], 1)
         now, before = current.gather(3, index).squeeze(-1), previous.gather(3, index).squeeze(-1)  # (L, B, n_out)
@@ -150,6 +167,7 @@ class ElasticCache(ReusePolicy):
         return RefreshPlan(first[:, None].expand(B, ctx.n_blocks).clone().long())
 
 
+@register_policy
 class ConfidenceRefresh(ReusePolicy):
     """Entropy/confidence threshold: refresh the blocks the model is unsure about.
 
@@ -178,6 +196,7 @@ class ConfidenceRefresh(ReusePolicy):
         return RefreshPlan.from_refresh_mask(refresh.cpu(), ctx.n_layers)
 
 
+@register_policy
 class DelayedKVCache(ReusePolicy):
     """dKV-Cache (Ma et al. 2025), delayed variant: a token's K/V is cached only one step after it is decoded, masked
     tokens are always recomputed, and everything is refreshed every `refresh_interval` steps. Knob: the interval."""
@@ -196,14 +215,8 @@ class DelayedKVCache(ReusePolicy):
         B, nb, L = ctx.batch_size, ctx.n_blocks, ctx.n_layers
         if ctx.step % self.refresh_interval == 0:
             return RefreshPlan.refresh_all(B, nb)
-        s = ctx.session
         # Decoded at the previous step = committed since its last computation at layer 0.
-        just_decoded = (s.canvas != s.tokens_at_refresh) & (s.tokens_at_refresh == s.mask_id)
-        masked = s.canvas == s.mask_id
+        just_decoded = (ctx.canvas != ctx.tokens_at_refresh) & (ctx.tokens_at_refresh == ctx.mask_id)
+        masked = ctx.canvas == ctx.mask_id
         return RefreshPlan(torch.full((B, nb), L, dtype=torch.long), refresh_positions=just_decoded | masked)
 
-
-HEURISTICS: tuple[type[ReusePolicy], ...] = (
-    FullRecompute, NeverRefresh, FastDLLMCache, FastDLLMDualCache, DLLMCache, ElasticCache, ConfidenceRefresh,
-    DelayedKVCache,
-)

@@ -8,8 +8,8 @@ No Lightning, no Stable-Baselines3, no pickle: the exported network maps the fea
      "threshold": 0.5, "budget_conditioned": false, "source": {...}, "metrics": {...}}
 
 - output `refresh_logit`: (B, n_blocks) logits; a block is refreshed (all layers) when sigmoid(logit) >= threshold.
-- output `action_logits`: (B, n_blocks, A); the argmax action a is read as in the environment: binary (A = 2):
-  a = 1 refresh; depth (A = L + 1): a = 0 reuse, a = j refresh from layer L - j.
+- output `action_logits`: (B, n_blocks, A); the argmax action is read by `cache_core.actions`, as the environment
+  reads its actions: binary (A = 2): 1 = refresh; depth (A = L + 1): 0 = reuse, j = refresh from layer L - j.
 A file built for another feature schema, action mode or layer count is refused with a message naming both sides.
 """
 
@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from cache_core.actions import ACTION_MODES, OUTPUTS, plan_from_output
 from cache_core.cache import RefreshPlan
 from cache_core.features import SCHEMA_ID, StepFeatures
 from cache_core.policy import ReusePolicy, StepContext
 
 POLICY_FORMAT = "blockreuse-policy"
 POLICY_FORMAT_VERSION = 1
-OUTPUTS = ("refresh_logit", "action_logits")
-ACTION_MODES = ("binary", "depth")
 
 
 class PolicyFileError(ValueError):
@@ -119,12 +118,7 @@ class LearnedPolicy(ReusePolicy):
                 f"{ctx.n_layers}; depth actions only transfer between models of the same depth"
             )
         out = torch.from_numpy(self.scores(features))
-        if self.output == "refresh_logit":
-            return RefreshPlan.from_refresh_mask(torch.sigmoid(out) >= self.refresh_threshold, ctx.n_layers)
-        action = out.argmax(-1)
-        if self.action_mode == "binary":
-            return RefreshPlan.from_refresh_mask(action == 1, ctx.n_layers)
-        return RefreshPlan((ctx.n_layers - action).clamp(0, ctx.n_layers).long())
+        return plan_from_output(out, self.output, self.action_mode, ctx.n_layers, self.refresh_threshold)
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, "path": self.path, "refresh_threshold": self.refresh_threshold,

@@ -1,28 +1,31 @@
-"""The `ReusePolicy` interface, the hindsight oracle, and the registry that builds any policy by name.
+"""The `ReusePolicy` interface, the context a policy sees, and the one way a policy is driven through a step.
 
 A policy maps a step's features (and a small context) to a `RefreshPlan`. Heuristics, the oracle and loaded learned
 policies all implement it, and `generate()` never asks which one it holds. A policy declares what it reads
-(`uses_features`, `uses_attention`) so the session skips work nobody reads.
+(`uses_features`, `uses_attention`) so the session skips work nobody reads, and may keep state through hooks (as
+d2Cache's cache base does): `reset` at the start of a generation, `on_block_start` at the first step of every
+decoding block, `on_step_end` after every step with what the step computed. `decide` and `run_step` are the only
+callers of these hooks, used by `generate()` and by the environment alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from cache_core.cache import RefreshPlan
 from cache_core.features import StepFeatures
-from cache_core.model import PartialForwardTrace
 
 if TYPE_CHECKING:
-    from cache_core.session import DecodingSession, ShadowForward
+    from cache_core.session import DecodingSession, ShadowForward, StepResult
 
 
 @dataclass
 class StepContext:
-    """What a policy may know about the step besides the features."""
+    """What a policy may know about the step besides the features. Tensors are the session's own (read-only)."""
 
     batch_size: int
     n_blocks: int
@@ -32,9 +35,12 @@ class StepContext:
     step_in_block: int
     decoding_block: int  # cache-block index being decoded
     prompt_blocks: int  # blocks [0, prompt_blocks) hold the prompt
-    last_trace: PartialForwardTrace | None
-    session: DecodingSession
+    canvas: torch.Tensor  # (B, N) token ids, mask_id where not yet committed
+    tokens_at_refresh: torch.Tensor  # (B, N) the tokens each position's cached K/V were computed from
+    key_mask: torch.Tensor  # (B, N) False on left padding
+    mask_id: int
     budget: float | None = None
+    shadow_forward: Callable[[], ShadowForward] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, session: DecodingSession, budget: float | None = None) -> StepContext:
@@ -42,12 +48,24 @@ class StepContext:
             batch_size=session.batch_size, n_blocks=session.n_blocks, n_layers=session.n_layers,
             block_length=session.block_length, step=session.step_index, step_in_block=session.step_in_block,
             decoding_block=session.decoding_block, prompt_blocks=session.prompt_region // session.block_length,
-            last_trace=session.last_trace, session=session, budget=budget,
+            canvas=session.canvas, tokens_at_refresh=session.tokens_at_refresh, key_mask=session.cache.key_mask,
+            mask_id=session.mask_id, budget=budget, shadow_forward=session.shadow_forward,
         )
+
+    @property
+    def block_start(self) -> bool:
+        """The first step of a decoding block."""
+        return self.step_in_block == 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.canvas.device
 
     def shadow(self) -> ShadowForward:
         """Hindsight: a full recompute of the canvas and the cache's drift from it. Costs a full forward."""
-        return self.session.shadow_forward()
+        if self.shadow_forward is None:
+            raise RuntimeError("this context has no session to run a shadow forward on")
+        return self.shadow_forward()
 
     def block_mask(self, lo: int, hi: int | None = None) -> torch.Tensor:
         """(B, n_blocks) True for blocks in [lo, hi)."""
@@ -57,11 +75,13 @@ class StepContext:
 
 
 class ReusePolicy:
-    """Maps a step's features to a refresh plan. Subclasses implement `plan`; stateful ones also `reset`."""
+    """Maps a step's features to a refresh plan. Subclasses implement `plan`; stateful ones use the hooks."""
 
     name: ClassVar[str] = "policy"
     uses_features: ClassVar[bool] = True
     uses_attention: ClassVar[bool] = False
+    # A new decoding block starts with a full refresh (Fast-dLLM, Elastic-Cache): `decide` answers that step itself.
+    refresh_at_block_start: ClassVar[bool] = False
     knob: ClassVar[str | None] = None  # the parameter that moves the policy from conservative to aggressive
     knob_sweep: ClassVar[tuple] = ()  # conservative -> aggressive values for the benchmark
     # The compute budget generate() uses when given none (budget-conditioned learned policies; None: no budget).
@@ -70,75 +90,36 @@ class ReusePolicy:
     def reset(self, batch_size: int) -> None:
         """Called at the start of every generation."""
 
+    def on_block_start(self, ctx: StepContext) -> None:
+        """Called at the first step of every decoding block, before that step is planned."""
+
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
         raise NotImplementedError
+
+    def on_step_end(self, ctx: StepContext, result: StepResult) -> None:
+        """Called after every step with what it computed (its trace, commits and accounting)."""
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, **({self.knob: getattr(self, self.knob)} if self.knob else {})}
 
 
-class OraclePolicy(ReusePolicy):
-    """Hindsight upper bound: refresh exactly the blocks (in depth mode: from the first layer) whose cached K/V have
-    drifted from a full recompute by more than epsilon (relative L2, max of keys and values).
-
-    It pays a full shadow forward per step to know this, which its accounting does not count: it is the bound that
-    learned policies are compared with, not a deployable cache.
-    """
-
-    name = "oracle"
-    uses_features = False
-    knob = "epsilon"
-    knob_sweep = (0.01, 0.03, 0.1, 0.3)
-
-    def __init__(self, epsilon: float = 0.05, depth: bool = False):
-        if epsilon < 0:
-            raise ValueError(f"oracle epsilon must be >= 0, got {epsilon}")
-        self.epsilon = epsilon
-        self.depth = depth
-
-    def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
-        start = oracle_start_layer(ctx.shadow().drift, self.epsilon)
-        if not self.depth:
-            start = torch.where(start < ctx.n_layers, 0, ctx.n_layers)
-        return RefreshPlan(start)
+def decide(policy: ReusePolicy, session: DecodingSession, budget: float | None = None,
+           features: StepFeatures | None = None) -> tuple[RefreshPlan, StepContext]:
+    """The plan `policy` makes for the session's next step (block-start hook included), with the context it saw.
+    features: this step's features when the caller already has them (the environment's observation)."""
+    ctx = StepContext.of(session, budget)
+    if ctx.block_start:
+        policy.on_block_start(ctx)
+        if policy.refresh_at_block_start:
+            return RefreshPlan.refresh_all(ctx.batch_size, ctx.n_blocks), ctx
+    if policy.uses_features and features is None:
+        features = session.features(budget)
+    return policy.plan(features if policy.uses_features else None, ctx), ctx
 
 
-def oracle_start_layer(drift: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """The oracle's decision from hindsight drift (B, n_blocks, n_layers): the start layer per block (B, n_blocks).
-
-    n_layers (reuse) where no layer drifts more than epsilon. To refresh K/V at layer l the block must recompute
-    layer l - 1, whose output is layer l's input; K/V at layer 0 change only with the token, which a start at
-    layer 0 re-embeds. The supervised labels and the environment's depth labels use this same function.
-    """
-    n_layers = drift.shape[-1]
-    over = drift > epsilon
-    first = (over.float().argmax(-1) - 1).clamp(min=0)
-    return torch.where(over.any(-1), first, n_layers).long()
-
-
-def policy_registry() -> dict[str, type[ReusePolicy]]:
-    from cache_core import heuristics
-
-    classes = [OraclePolicy, *heuristics.HEURISTICS]
-    return {c.name: c for c in classes}
-
-
-def make_policy(name: str | ReusePolicy | None, **knobs: Any) -> ReusePolicy:
-    """Build a policy by registry name (`full`, `dual_cache`, ...) or a path to an exported learned policy."""
-    if isinstance(name, ReusePolicy):
-        if knobs:
-            raise ValueError("knobs were given for an already built policy; pass a name instead")
-        return name
-    if name is None:
-        name = "full"
-    registry = policy_registry()
-    if name in registry:
-        try:
-            return registry[name](**knobs)
-        except TypeError as err:
-            raise ValueError(f"bad knobs {knobs} for policy {name!r}: {err}") from err
-    if str(name).endswith(".onnx") or str(name).endswith(".json"):
-        from cache_core.learned import load_policy
-
-        return load_policy(name, **knobs)
-    raise ValueError(f"unknown policy {name!r}; choose one of {sorted(registry)} or a path to an exported policy")
+def run_step(policy: ReusePolicy, session: DecodingSession, budget: float | None = None) -> StepResult:
+    """One denoising step of `session` under `policy`: decide, step, tell the policy what ran."""
+    plan, ctx = decide(policy, session, budget)
+    result = session.step(plan)
+    policy.on_step_end(ctx, result)
+    return result

@@ -15,7 +15,7 @@ import torch
 from cache_core.accounting import GenerationStats, StepRecord, full_step_flops, step_flops
 from cache_core.cache import BlockKVCache, RefreshPlan
 from cache_core.features import StepFeatures, compute_features
-from cache_core.model import LLaDAModel, PartialForwardTrace, check_trace_attention
+from cache_core.models.base import DiffusionModel, PartialForwardTrace, check_trace_attention
 
 REMASKING = ("low_confidence", "random")
 
@@ -53,14 +53,14 @@ def transfer_schedule(mask_count: int, steps: int) -> list[int]:
 
 
 class DecodingSession:
-    def __init__(self, model: LLaDAModel, prompts: list[list[int]] | list[torch.Tensor], gen_length: int,
+    def __init__(self, model: DiffusionModel, prompts: list[list[int]] | list[torch.Tensor], gen_length: int,
                  block_length: int, steps: int | None, threshold: float | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", pad_id: int | None = None, seed: int | None = None,
                  trace_attention: bool | str = True):
-        cfg = model.config
+        facts = model.facts
         validate_generation_args(prompts, gen_length, block_length, steps, threshold, temperature, remasking)
         self.model = model
-        self.mask_id = cfg.mask_token_id
+        self.mask_id = facts.mask_token_id
         self.gen_length, self.block_length = gen_length, block_length
         self.threshold, self.temperature, self.remasking = threshold, temperature, remasking
         check_trace_attention(trace_attention)  # here, so a bad value fails before the first step
@@ -75,13 +75,13 @@ class DecodingSession:
         # generation region starts on a block boundary in every row.
         self.prompt_region = -(-max(lengths) // block_length) * block_length
         N = self.prompt_region + gen_length
-        if N > cfg.max_sequence_length:
+        if N > facts.max_sequence_length:
             raise ValueError(
                 f"prompt ({max(lengths)} tokens, padded to {self.prompt_region}) + gen_length ({gen_length}) = {N} "
-                f"exceeds the model's max_sequence_length={cfg.max_sequence_length}: shorten the prompt or gen_length"
+                f"exceeds the model's max_sequence_length={facts.max_sequence_length}: shorten the prompt or gen_length"
             )
         B = len(prompts)
-        pad = cfg.mask_token_id if pad_id is None else pad_id  # padding is masked out of attention; any id works
+        pad = facts.mask_token_id if pad_id is None else pad_id  # padding is masked out of attention; any id works
         canvas = torch.full((B, N), pad, dtype=torch.long)
         key_mask = torch.zeros(B, N, dtype=torch.bool)
         for b, prompt in enumerate(prompts):
@@ -90,15 +90,15 @@ class DecodingSession:
             key_mask[b, start:] = True
         canvas[:, self.prompt_region:] = self.mask_id
         # Prompt ids must be real tokens (or the mask, for infilling); generation positions hold the mask.
-        bad = ((canvas < 0) | (canvas >= cfg.vocab_size)) & (canvas != self.mask_id) & key_mask
+        bad = ((canvas < 0) | (canvas >= facts.vocab_size)) & (canvas != self.mask_id) & key_mask
         bad[:, self.prompt_region:] = False
         if bool(bad.any()):
             row = int(bad.any(1).nonzero()[0])
-            raise ValueError(f"prompt {row} holds token ids outside the model's vocabulary [0, {cfg.vocab_size}): "
+            raise ValueError(f"prompt {row} holds token ids outside the model's vocabulary [0, {facts.vocab_size}): "
                              "was it encoded with this model's tokenizer?")
         positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
         self.canvas = canvas.to(device)
-        self.cache = BlockKVCache(cfg, key_mask.to(device), positions.to(device), block_length, dtype=model.dtype)
+        self.cache = BlockKVCache(facts, key_mask.to(device), positions.to(device), block_length, dtype=model.dtype)
 
         # Bookkeeping the features read; every tensor is (B, N).
         self.step_index = 0
@@ -114,7 +114,6 @@ class DecodingSession:
         self.previous_attention_mass = torch.zeros(B, N, device=device)
         self.refresh_drift = torch.zeros(B, N, device=device)
         self.stats = GenerationStats()
-        self.last_trace: PartialForwardTrace | None = None
         self._schedule = self._block_schedule()
         self._shadow: ShadowForward | None = None
 
@@ -129,7 +128,7 @@ class DecodingSession:
 
     @property
     def n_layers(self) -> int:
-        return self.model.config.n_layers
+        return self.model.facts.n_layers
 
     @property
     def decoding_block(self) -> int:
@@ -199,20 +198,18 @@ class DecodingSession:
         self._update_bookkeeping(start, trace, logits, positions, canvas_before)
         wall = time.perf_counter() - t0
 
-        cfg = self.model.config
         n_keys = self.cache.key_mask.sum(1)
         record = StepRecord(
             step=self.step_index,
             decoding_block=self.generation_block,
-            flops=step_flops(cfg, trace.active_counts, n_keys, self.block_length) + trace.extra_flops,
-            full_flops=full_step_flops(cfg, n_keys, self.block_length),
+            flops=step_flops(self.model, trace.active_counts, n_keys, self.block_length) + trace.extra_flops,
+            full_flops=full_step_flops(self.model, n_keys, self.block_length),
             positions_x_layers=int(trace.active_counts.sum()),
             cache_bytes=self.cache.nbytes(),
             wall_s=wall,
             committed=int(committed.sum()),
         )
         self.stats.record(record)
-        self.last_trace = trace
         self._shadow = None
         self._advance()
         return StepResult(record, committed, logits, start, trace)

@@ -9,9 +9,10 @@ of the generation it wraps.
   computed before timing, once per prompt, and reported apart. The env's generated tokens are compared with
   generate()'s: the two run the same session code, so they must agree.
 
-Settings: `env_benchmark.*` (defaults in DEFAULTS; e.g. `+env_benchmark.n_envs=4`), the env from cfg.env. If the
-checkpoint at cfg.env.model_path does not exist and `allow_random_model` is true, a randomly initialised model of
-cfg.model's shape is used (speed does not depend on the weights; the report says so).
+Settings: the `env_benchmark` group (conf/env_benchmark/default.yaml; e.g. `env_benchmark.n_envs=4`), the env from
+the env group. If the checkpoint at env.model_path does not exist and `allow_random_model` is true, a randomly
+initialised model of the model group's shape is used (speed does not depend on the weights; the report says so).
+Torch threads: the run's `threads` (each SubprocVecEnv worker runs 1).
 """
 
 from __future__ import annotations
@@ -19,70 +20,44 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from cache_core.generate import generate
-from cache_core.policy import make_policy
+from cache_core.registry import make_policy
 from envs.block_reuse_env import BlockReuseEnv
 from envs.vector import make_sb3_vec_env
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "n_envs": 2,  # parallel envs of the SubprocVecEnv measurement
-    "single_steps": 256,  # env steps of the one-env measurement (random actions)
-    "vec_steps": 128,  # vector steps of the SubprocVecEnv measurement (x n_envs env steps)
-    "policy": "dual_cache",  # policy of the overhead measurement
-    "knobs": {},
-    "split": "test",
-    "n_prompts": 4,  # prompts of the overhead measurement (one episode each)
-    "num_threads": 1,  # torch threads, main process and each worker
-    "start_method": None,  # SubprocVecEnv start method (None: SB3's default, forkserver)
-    "allow_random_model": True,
-    "output": None,  # JSON path; None: <cfg.paths.output>/env_benchmark.json
-}
-
-
-def _settings(cfg: DictConfig) -> dict[str, Any]:
-    settings = dict(DEFAULTS)
-    if "env_benchmark" in cfg and cfg.env_benchmark is not None:
-        settings.update(OmegaConf.to_container(cfg.env_benchmark, resolve=True))
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown env_benchmark keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    return settings
-
-
-def _env_kwargs(cfg: DictConfig, settings: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    kwargs = OmegaConf.to_container(cfg.env, resolve=True)
-    kwargs.pop("_target_", None)
-    kwargs.update(split=settings["split"], n_prompts=int(settings["n_prompts"]),
-                  num_threads=int(settings["num_threads"]))
-    path = kwargs.pop("model_path", None)
+def _env_kwargs(cfg: Any) -> tuple[dict[str, Any], str]:
+    """The env group's settings on env_benchmark.split / n_prompts, with the model loaded once (every measurement, and
+    every worker, which gets a pickled copy, uses the same weights), or a random model of the model group's shape."""
+    b = cfg.env_benchmark
+    settings = replace(cfg.env, split=b.split, n_prompts=b.n_prompts).settings()
+    path = settings.pop("model_path")
     if path and (Path(path) / "config.json").exists():
-        # Load once here: every measurement (and every worker, which gets a pickled copy) uses the same weights.
         from cache_core.checkpoint import load_model, load_tokenizer
 
-        kwargs.update(model=load_model(path), tokenizer=load_tokenizer(path))
-        return kwargs, str(path)
-    if not settings["allow_random_model"]:
-        raise FileNotFoundError(f"no checkpoint at {path}: train it with `python train.py mode=pretrain`")
-    from cache_core.model import LLaDAModel, ModelConfig
+        return {**settings, "model": load_model(path), "tokenizer": load_tokenizer(path)}, str(path)
+    if not b.allow_random_model:
+        raise FileNotFoundError(f"no checkpoint at {path}: train it with `python train.py mode=pretrain` (or set "
+                                "env_benchmark.allow_random_model=true)")
+    from cache_core.bench.pretrain import model_config_from
+    from cache_core.models import LLaDAModel
     from cache_core.tokenizer import Tokenizer
 
     tok = Tokenizer()
-    fields = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if v is not None}
-    fields.update(vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id)
+    model_cfg = model_config_from(cfg.model, tok)
     torch.manual_seed(0)
-    model = LLaDAModel(ModelConfig(**{k: v for k, v in fields.items() if k in ModelConfig.field_names()})).eval()
+    model = LLaDAModel(model_cfg).eval()
     log.warning("no checkpoint at %s: benchmarking a randomly initialised model of the same shape", path)
-    kwargs.update(model=model, tokenizer=tok)
-    return kwargs, "random-init " + json.dumps({k: fields[k] for k in ("d_model", "n_layers") if k in fields})
+    shape = json.dumps({"d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers})
+    return {**settings, "model": model, "tokenizer": tok}, "random-init " + shape
 
 
 def single_env_rate(env: BlockReuseEnv, steps: int, seed: int = 0) -> dict[str, float]:
@@ -175,30 +150,31 @@ def overhead(env: BlockReuseEnv, policy_name: str, knobs: dict[str, Any]) -> dic
     }
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """`mode=env_benchmark`: prints a table and writes JSON (see the module docstring)."""
-    settings = _settings(cfg)
-    torch.set_num_threads(int(settings["num_threads"]))
-    env_kwargs, model_desc = _env_kwargs(cfg, settings)
+def run(cfg: Any) -> dict[str, Any]:
+    """`mode=env_benchmark`: prints a table and writes JSON (cfg: policies.config.RootConfig)."""
+    from cache_core.bench import tracking
+
+    b = cfg.env_benchmark
+    env_kwargs, model_desc = _env_kwargs(cfg)
     env = BlockReuseEnv(**env_kwargs)
-    single = single_env_rate(env, int(settings["single_steps"]))
-    over = overhead(env, settings["policy"], dict(settings["knobs"] or {}))
-    vec = vec_env_rate(env_kwargs, int(settings["n_envs"]), int(settings["vec_steps"]), settings["start_method"])
+    single = single_env_rate(env, b.single_steps)
+    over = overhead(env, b.policy, dict(b.knobs))
+    vec = vec_env_rate(env_kwargs, b.n_envs, b.vec_steps, b.start_method)
     result = {
         "model": model_desc, "n_layers": env.n_layers, "max_blocks": env.max_blocks, "action_mode": env.action_mode,
         "gen_length": env.gen_length, "block_length": env.block_length, "steps": env.steps,
-        "torch_threads": int(settings["num_threads"]), "single_env": single, "vec_env": vec, "overhead": over,
+        "torch_threads": torch.get_num_threads(), "single_env": single, "vec_env": vec, "overhead": over,
     }
     env.close()
-    output = settings["output"]
-    if output is None:
-        try:
-            output = str(Path(cfg.paths.output) / "env_benchmark.json")
-        except Exception:  # no Hydra run directory (e.g. a composed config): write next to the working directory
-            output = "env_benchmark.json"
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(result, indent=1))
-    result["output"] = output
+    output = Path(b.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
+    result["output"] = str(output)
+    run = tracking.start_run(cfg.logger, "env_benchmark", cfg)
+    run.summary({"single_env_steps_per_s": single["steps_per_s"], "vec_env_steps_per_s": vec["steps_per_s"],
+                 "overhead_ratio": over["overhead_ratio"]})
+    run.log_artifact([output], "env_benchmark", kind="results")
+    run.finish()
     print(format_table(result))
     return result
 

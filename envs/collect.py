@@ -17,59 +17,46 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
+from cache_core.actions import n_actions
 from cache_core.features import BLOCK_FEATURE_NAMES, GLOBAL_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES
-from cache_core.policy import ReusePolicy, make_policy
+from cache_core.policy import ReusePolicy
+from cache_core.registry import make_policy
 from envs.block_reuse_env import BlockReuseEnv
+from envs.config import BehaviourConfig, CollectConfig
 from envs.shards import SHARD_FORMAT_VERSION, ShardWriter
 
 log = logging.getLogger(__name__)
-RANDOM_SCOPES = ("step", "episode")
 
 
 class BehaviourPolicy:
     """The collection's behaviour: a per-episode heuristic (with a knob value) mixed with random actions."""
 
-    def __init__(self, spec: dict[str, Any], env: BlockReuseEnv, seed: int):
-        self.random_prob = float(spec.get("random_prob", 0.0))
-        self.random_scope = str(spec.get("random_scope", "step"))
-        if not 0.0 <= self.random_prob <= 1.0:
-            raise ValueError(f"behaviour.random_prob={self.random_prob} must lie in [0, 1]")
-        if self.random_scope not in RANDOM_SCOPES:
-            raise ValueError(f"behaviour.random_scope={self.random_scope!r}; use one of {list(RANDOM_SCOPES)}")
+    def __init__(self, spec: BehaviourConfig, env: BlockReuseEnv, seed: int):
+        self.random_prob, self.random_scope = float(spec.random_prob), spec.random_scope
         self.env = env
         self.rng = np.random.default_rng(seed)
         # Components: (policy name, knob name or None, knob value, fixed knobs), each with a weight.
         self.components: list[dict[str, Any]] = []
         weights = []
-        for entry in spec.get("policies") or []:
-            entry = dict(entry)
-            name = entry.pop("name")
-            weight = float(entry.pop("weight", 1.0))
-            fixed = dict(entry.pop("knobs", None) or {})
-            values = entry.pop("values", None)
-            if entry:
-                raise ValueError(f"behaviour policy {name!r}: unknown keys {sorted(entry)} (use name, values, knobs, "
-                                 "weight)")
-            if name == "oracle" and env.action_mode == "depth":
+        for entry in spec.policies:
+            fixed = dict(entry.knobs)
+            if entry.name == "oracle" and env.action_mode == "depth":
                 fixed.setdefault("depth", True)
-            probe = make_policy(name, **fixed)  # fails early on an unknown name or bad knobs
+            probe = make_policy(entry.name, **fixed)  # fails early on an unknown name or bad knobs
             knob = probe.knob
-            if values is not None and knob is None:
-                raise ValueError(f"behaviour policy {name!r} has no knob, so it takes no values")
-            for value in [None] if values is None else list(values):
-                comp = {"name": name, "knob": knob if values is not None else None, "value": value, "knobs": fixed}
-                make_policy(name, **self._knobs(comp))
+            if entry.values is not None and knob is None:
+                raise ValueError(f"collect.behaviour: policy {entry.name!r} has no knob, so it takes no values")
+            for value in [None] if entry.values is None else list(entry.values):
+                comp = {"name": entry.name, "knob": knob if entry.values is not None else None, "value": value,
+                        "knobs": fixed}
+                make_policy(entry.name, **self._knobs(comp))
                 self.components.append(comp)
-                weights.append(weight / (1 if values is None else len(values)))
-        if not self.components and self.random_prob < 1.0:
-            raise ValueError("behaviour.policies is empty: list at least one policy or set behaviour.random_prob=1")
-        if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
-            raise ValueError("behaviour policy weights must be >= 0 with a positive sum")
+                weights.append(float(entry.weight) / (1 if entry.values is None else len(entry.values)))
         self.weights = np.array(weights) / sum(weights) if weights else np.zeros(0)
         self.policy: ReusePolicy | None = None
         self.component = -1
@@ -108,10 +95,9 @@ class BehaviourPolicy:
         action = np.zeros(env.max_blocks, dtype=env.action_space.dtype)
         real = env.session.n_blocks
         refresh = self.rng.random(real) < self._density
-        if env.action_mode == "binary":
-            values = refresh.astype(np.int64)
-        else:
-            values = np.where(refresh, self.rng.integers(1, env.n_layers + 1, size=real), 0)
+        # A refreshed block takes one of the mode's refresh actions (binary: 1; depth: a uniform depth 1..L).
+        top = n_actions(env.action_mode, env.n_layers) - 1
+        values = np.where(refresh, self.rng.integers(1, top + 1, size=real), 0) if top > 1 else refresh.astype(np.int64)
         action[env.max_blocks - real:] = values
         return action
 
@@ -122,32 +108,28 @@ class BehaviourPolicy:
         return comp["name"] if comp["knob"] is None else f"{comp['name']}({comp['knob']}={comp['value']})"
 
 
-def collect(env: BlockReuseEnv, settings: dict[str, Any] | DictConfig) -> dict[str, Any]:
-    """Run `episodes` episodes of `env` under the behaviour policy and write shards to `output_dir`."""
+def collect(env: BlockReuseEnv, settings: CollectConfig, run: Any = None) -> dict[str, Any]:
+    """Run `settings.episodes` episodes of `env` under the behaviour policy and write shards to `settings.output_dir`.
+    run: the job's tracking run (`cache_core.bench.tracking.Run`), which gets per-episode metrics."""
     from tqdm.auto import tqdm
 
-    s = OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig) else dict(settings)
-    episodes, shard_size = int(s.get("episodes", 1)), int(s.get("shard_size", 4096))
-    if episodes < 1:
-        raise ValueError(f"collect.episodes must be >= 1, got {episodes}")
     if not env.use_shadow:
         raise ValueError("collection records oracle labels and KL/flip, which need the shadow forward: build the env "
                          "with shadow=true")
-    seed = int(s.get("seed", 0))
+    s, seed, episodes = settings, settings.seed, settings.episodes
     n_prompts = len(env.prompts)
-    behaviour = BehaviourPolicy(s.get("behaviour") or {}, env, seed)
+    behaviour = BehaviourPolicy(s.behaviour, env, seed)
     manifest = {
         "n_layers": env.n_layers, "max_blocks": env.max_blocks, "n_block_features": N_BLOCK_FEATURES,
         "n_global_features": N_GLOBAL_FEATURES, "block_feature_names": list(BLOCK_FEATURE_NAMES),
         "global_feature_names": list(GLOBAL_FEATURE_NAMES), "action_mode": env.action_mode,
-        "split": env.prompts.split, "behaviour": {**(s.get("behaviour") or {}), **behaviour.describe()},
+        "split": env.prompts.split, "behaviour": {**asdict(s.behaviour), **behaviour.describe()},
         "env": env.describe(), "seed": seed,
     }
-    writer = ShardWriter(s["output_dir"], shard_size, manifest, overwrite=bool(s.get("overwrite", False)))
+    writer = ShardWriter(s.output_dir, s.shard_size, manifest, overwrite=s.overwrite)
     started = time.perf_counter()
     per_behaviour: dict[str, list[dict[str, float]]] = defaultdict(list)
-    bar = tqdm(range(episodes), desc="collect", unit="episode", disable=not s.get("progress_bar", True),
-               mininterval=1.0)
+    bar = tqdm(range(episodes), desc="collect", unit="episode", disable=not s.progress_bar, mininterval=1.0)
     for episode in bar:
         behaviour.start_episode()
         obs, _ = env.reset(seed=seed if episode == 0 else None, options={"prompt_index": episode % n_prompts})
@@ -169,6 +151,8 @@ def collect(env: BlockReuseEnv, settings: dict[str, Any] | DictConfig) -> dict[s
                    **{k: info[k] for k in ("exact_match", "agreement") if k in info}}
         writer.end_episode(summary)
         per_behaviour[behaviour.label()].append(summary)
+        if run is not None:
+            run.log({f"collect/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         bar.set_postfix(rows=writer.rows, flops=f"{summary['flop_fraction']:.2f}", refresh=False)
     manifest = writer.close()
     seconds = time.perf_counter() - started
@@ -193,32 +177,17 @@ def collect(env: BlockReuseEnv, settings: dict[str, Any] | DictConfig) -> dict[s
     return result
 
 
-def collect_config(cfg: DictConfig) -> DictConfig:
-    """cfg.collect (conf/collect/default.yaml), with a clear error when the group is missing."""
-    if "collect" not in cfg or cfg.collect is None:
-        raise KeyError("config has no 'collect' group; expected conf/collect/default.yaml (defaults: `- optional "
-                       "collect: default`)")
-    return cfg.collect
+def run(cfg: Any) -> dict[str, Any]:
+    """`mode=collect`: the env group on collect.split / collect.n_prompts, rollouts into shards (cfg: RootConfig)."""
+    from cache_core.bench import tracking
 
-
-def make_env(cfg: DictConfig, **overrides: Any) -> BlockReuseEnv:
-    """The environment of cfg.env (`hydra.utils.instantiate`), with keyword overrides."""
-    from hydra.utils import instantiate
-
-    if "env" not in cfg or cfg.env is None:
-        raise KeyError("config has no 'env' group; expected conf/env/default.yaml (defaults: `- optional env: "
-                       "default`)")
-    return instantiate(cfg.env, _convert_="all", **overrides)
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """`mode=collect`: build the env from cfg.env on cfg.collect.split and collect rollouts into shards."""
-    ccfg = collect_config(cfg)
-    overrides = {"split": ccfg.split, "n_prompts": int(ccfg.n_prompts)}
-    if ccfg.get("num_threads"):
-        overrides["num_threads"] = int(ccfg.num_threads)
-    env = make_env(cfg, **overrides)
+    c = cfg.collect
+    env = BlockReuseEnv(config=replace(cfg.env, split=c.split, n_prompts=c.n_prompts))
+    run = tracking.start_run(cfg.logger, "collect", cfg)
     try:
-        return collect(env, ccfg)
+        result = collect(env, c, run)
+        run.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        return result
     finally:
         env.close()
+        run.finish()

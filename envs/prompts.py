@@ -3,9 +3,9 @@
 Two sources, one interface (`PromptSet`):
 - `TokenPromptSet`: explicit (prompt_ids, answer_ids) pairs, e.g. random prompts for a tiny random model in tests.
   Exact match = the generated ids up to the first EOS equal the answer ids.
-- `TaskSuitePromptSet`: a split of the built-in task suite (`cache_core.tasks.TaskSuite`), encoded with the
-  checkpoint's tokenizer; exact match = `cache_core.tasks.score(tokenizer.decode(generated), example)`, the rule the
-  evaluation uses. It is a thin adapter: it only turns `Example`s into token ids and delegates the scoring.
+- `TaskSuitePromptSet`: a split of the built-in task suite (`cache_core.bench.tasks.TaskSuite`), encoded with the
+  checkpoint's tokenizer; exact match = `cache_core.bench.tasks.score(tokenizer.decode(generated), example)`, the
+  rule the evaluation uses. It is a thin adapter: it only turns `Example`s into token ids and delegates the scoring.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class TaskSuitePromptSet(PromptSet):
 
     def __init__(self, tokenizer: Any, split: str = "train", n: int = 64, tasks: Sequence[str] | None = None,
                  seed: int = 0):
-        from cache_core.tasks import TaskSuite
+        from cache_core.bench.tasks import TaskSuite
 
         self.tokenizer = tokenizer
         self.split = split
@@ -106,7 +106,7 @@ class TaskSuitePromptSet(PromptSet):
         self.seed = int(seed)
 
     def exact_match(self, index: int, generated: Sequence[int]) -> bool:
-        from cache_core.tasks import score
+        from cache_core.bench.tasks import score
 
         return bool(score(self.tokenizer.decode([int(i) for i in generated]), self.examples[index]))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from cache_core.model import LLaDAModel, ModelConfig
+from cache_core.models import LLaDAModel, ModelConfig
 
 VOCAB = 24
 MASK_ID = 1

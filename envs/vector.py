@@ -1,14 +1,26 @@
 """Vectorised BlockReuseEnvs for SB3 (`SubprocVecEnv` / `DummyVecEnv`) and Gymnasium (`gym.make_vec`).
 
-Each worker builds its own env (and loads the model from `model_path`, or unpickles a passed `model`) and runs torch
-with `num_threads` threads (1 by default), so N workers on N cores do not oversubscribe the CPU.
+Each worker process builds its own env (and loads the model from `model_path`, or unpickles a passed `model`) and
+runs torch with `WORKER_THREADS` thread (`cache_core.set_threads`), so N workers on N cores do not oversubscribe
+the CPU.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from envs.block_reuse_env import ENV_ID, BlockReuseEnv
+
+WORKER_THREADS = 1
+
+
+def worker_env(threads: int | None = WORKER_THREADS, **env_kwargs: Any) -> BlockReuseEnv:
+    """A BlockReuseEnv built inside a worker process, with that process's torch threads set first."""
+    from cache_core.runtime import set_threads
+
+    set_threads(threads)
+    return BlockReuseEnv(**env_kwargs)
 
 
 def make_sb3_vec_env(env_kwargs: dict[str, Any], n_envs: int, subproc: bool = True, seed: int | None = 0,
@@ -17,9 +29,9 @@ def make_sb3_vec_env(env_kwargs: dict[str, Any], n_envs: int, subproc: bool = Tr
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-    kwargs = {"num_threads": 1, **env_kwargs} if subproc else dict(env_kwargs)
+    factory = partial(worker_env, WORKER_THREADS) if subproc else BlockReuseEnv
     vec_kwargs = {"start_method": start_method} if subproc and start_method else None
-    return make_vec_env(BlockReuseEnv, n_envs=n_envs, seed=seed, env_kwargs=kwargs,
+    return make_vec_env(factory, n_envs=n_envs, seed=seed, env_kwargs=dict(env_kwargs),
                         vec_env_cls=SubprocVecEnv if subproc else DummyVecEnv, vec_env_kwargs=vec_kwargs,
                         wrapper_class=None if monitor else (lambda env: env))
 
@@ -28,5 +40,5 @@ def make_gym_vec_env(env_kwargs: dict[str, Any], n_envs: int, mode: str = "sync"
     """A Gymnasium vector env (`gym.make_vec`) of n_envs BlockReuseEnvs; mode 'sync' or 'async'."""
     import gymnasium as gym
 
-    kwargs = {"num_threads": 1, **env_kwargs} if mode == "async" else dict(env_kwargs)
-    return gym.make_vec(ENV_ID, num_envs=n_envs, vectorization_mode=mode, **kwargs)
+    return gym.make_vec(ENV_ID, num_envs=n_envs, vectorization_mode=mode, **env_kwargs)
+

@@ -2,8 +2,9 @@
 
 One row of the dataset = one environment step: x (max_blocks, F) = [blocks | global broadcast] exactly as
 `StepFeatures.policy_input()` builds it at inference, the real-block mask, the loss mask and the oracle drift
-(max_blocks, n_layers). Labels are made from the drift at a chosen epsilon by `refresh_labels` / `depth_labels`, in
-the training step rather than here, so that a budget-conditioned run can label each row at another epsilon.
+(max_blocks, n_layers). Labels are the oracle's actions at a chosen epsilon (`cache_core.actions.oracle_actions`, the
+function OraclePolicy and the environment use), made in the training step rather than here, so that a
+budget-conditioned run can label each row at another epsilon.
 
 The loss mask keeps the blocks whose decision matters: real blocks that are not the decoding block (the cache always
 recomputes it) and that were computed before (never-computed blocks carry `drift_cap` and are always computed too).
@@ -22,54 +23,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from cache_core.features import BLOCK_FEATURE_NAMES, GLOBAL_FEATURE_NAMES, N_BLOCK_FEATURES
+from cache_core.actions import oracle_actions
+from cache_core.features import BLOCK_FEATURE_NAMES, GLOBAL_FEATURE_NAMES, N_BLOCK_FEATURES, policy_input
+from policies.config import GROUP_BY
 
 log = logging.getLogger(__name__)
 
 IS_DECODING = BLOCK_FEATURE_NAMES.index("is_decoding")
 VALID_FRACTION = BLOCK_FEATURE_NAMES.index("valid_fraction")
 BUDGET_COLUMN = N_BLOCK_FEATURES + GLOBAL_FEATURE_NAMES.index("budget")  # in the policy input
-GROUP_BY = ("episode", "prompt")
 COLLECT_HINT = "collect them first with `python train.py mode=collect` (or point data.shards_dir at a shard directory)"
-
-
-def check_epsilon(epsilon: float) -> float:
-    epsilon = float(epsilon)
-    if not 0.0 < epsilon < 1e3:
-        raise ValueError(f"policy.epsilon={epsilon} must be a positive relative K/V drift (e.g. 0.05)")
-    return epsilon
-
-
-def refresh_labels(drift: torch.Tensor, epsilon: float | torch.Tensor) -> torch.Tensor:
-    """(..., n_layers) drift -> (...) float {0, 1}: refresh when the block drifted more than epsilon in some layer.
-    epsilon: a number, or a tensor broadcastable to drift's leading dims (one epsilon per row)."""
-    eps = torch.as_tensor(epsilon, dtype=drift.dtype, device=drift.device)
-    if eps.dim():
-        eps = eps.reshape(*eps.shape, *([1] * (drift.dim() - eps.dim())))
-    return (drift > eps).any(-1).float()
-
-
-def depth_labels(drift: torch.Tensor, epsilon: float | torch.Tensor) -> torch.Tensor:
-    """(..., n_layers) drift -> (...) int64 action, read as `cache_core.learned` reads it (j = refresh the top j
-    layers, i.e. from layer n_layers - j; 0 = reuse when no layer drifted more than epsilon).
-
-    The action refreshes from the layer *below* the first drifted layer l (from layer 0 when l = 0): a refresh from
-    layer k runs layer k on its cached, stale input hidden state, so it recomputes layer k's K/V unchanged and only
-    fixes layers > k (model.forward_partial). K/V drift at layer l comes from its input, the output of layer l - 1, so
-    layer l - 1 must run. (OraclePolicy(depth=True) starts at l itself and so never fixes layer l.)"""
-    n_layers = drift.shape[-1]
-    eps = torch.as_tensor(epsilon, dtype=drift.dtype, device=drift.device)
-    if eps.dim():
-        eps = eps.reshape(*eps.shape, *([1] * (drift.dim() - eps.dim())))
-    over = drift > eps
-    first = over.float().argmax(-1)  # first True (argmax of the first maximum)
-    start = (first - 1).clamp(min=0)
-    return torch.where(over.any(-1), n_layers - start, 0).long()
-
-
-def policy_input(blocks: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
-    """(S, nb, F_b), (S, F_g) -> (S, nb, F_b + F_g), as `StepFeatures.policy_input()`."""
-    return torch.cat([blocks, global_[:, None, :].expand(-1, blocks.shape[1], -1)], dim=-1)
 
 
 def load_rows(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -141,7 +104,7 @@ def budget_of_epsilon(drift: torch.Tensor, x: torch.Tensor, loss_mask: torch.Ten
     total = weight.sum()
     out = []
     for eps in epsilons:
-        refreshed = refresh_labels(drift, eps) * loss_mask * weight
+        refreshed = oracle_actions(drift, eps, "binary").float() * loss_mask * weight
         out.append(float(((refreshed.sum() + forced.sum()) / total.clamp(min=1e-9)).clamp(0.0, 1.0)))
     return out
 

@@ -1,11 +1,11 @@
 """Evaluate learned policies against the heuristics on the test split (`python train.py mode=evaluate`).
 
 Full recompute (the reference), every heuristic across its knob and the oracle come from
-`cache_core.benchmark.heuristic_specs`; each exported policy listed in `evaluate.learned` (the supervised predictor,
-the RL agent's `checkpoints/policies/rl_agent.onnx`, ...) is added across its threshold, or across `evaluate.budgets`
-when its manifest says it is budget-conditioned. A listed file that does not exist is skipped (unless `required`), so
-a policy that lands later plugs in without a code change. Measurement, table, JSON and Pareto plot are
-`cache_core.benchmark`'s (`evaluate_policies`, `write_results`).
+`cache_core.bench.benchmark.heuristic_specs`; each exported policy listed in `evaluate.learned` (the predictor this
+run trained, the shipped predictor and RL agent in `checkpoints/policies/`, ...) is added across its threshold, or
+across `evaluate.budgets` when its manifest says it is budget-conditioned. A listed file that does not exist is
+skipped (unless `required`), so a policy that lands later plugs in without a code change. Measurement, table, JSON
+and Pareto plot are `cache_core.bench.benchmark`'s (`evaluate_policies`, `write_results`).
 
 The summary answers the project's question: per family, the cheapest point whose exact match is within
 `max_em_loss` of full recompute, and how many times fewer FLOPs the learned policies need than the best heuristic
@@ -19,13 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from cache_core.benchmark import PolicySpec, Row, evaluate_policies, generation_kwargs, heuristic_specs, load_builtin
+from cache_core.bench import tracking
+from cache_core.bench.benchmark import (
+    PolicySpec,
+    Row,
+    evaluate_policies,
+    heuristic_specs,
+    load_model_and_tokenizer,
+    log_results,
+    write_results,
+)
 from cache_core.cache import RefreshPlan
 from cache_core.features import GLOBAL_FEATURE_NAMES, StepFeatures
 from cache_core.learned import LearnedPolicy, read_manifest
 from cache_core.policy import ReusePolicy, StepContext
+from policies.config import LearnedEntry, RootConfig
 
 log = logging.getLogger(__name__)
 BUDGET = GLOBAL_FEATURE_NAMES.index("budget")
@@ -53,14 +62,14 @@ class BudgetedPolicy(ReusePolicy):
         return {**self.inner.describe(), "budget": self.budget}
 
 
-def learned_specs(entries: list[dict[str, Any]], thresholds: list[float] | None = None,
+def learned_specs(entries: list[LearnedEntry], thresholds: list[float] | None = None,
                   budgets: list[float] | None = None) -> list[PolicySpec]:
-    """PolicySpecs of exported policy files: entries [{name, path, required, knob, value}], swept over thresholds
-    (refresh-logit outputs), budgets (budget-conditioned files) or a single point (action-logit outputs; entries of
-    one name with `knob`/`value`, e.g. depth predictors trained at several epsilons, form one curve)."""
+    """PolicySpecs of exported policy files (`evaluate.learned` entries), swept over thresholds (refresh-logit
+    outputs), budgets (budget-conditioned files) or a single point (action-logit outputs; entries of one name with
+    `knob`/`value`, e.g. depth predictors trained at several epsilons, form one curve)."""
     specs = []
     for entry in entries:
-        name, path, required = str(entry["name"]), Path(str(entry["path"])), bool(entry.get("required", False))
+        name, path, required = entry.name, Path(entry.path), entry.required
         if not path.with_suffix(".onnx").is_file():
             if required:
                 raise FileNotFoundError(f"learned policy {name!r}: {path} does not exist (export it with "
@@ -79,8 +88,8 @@ def learned_specs(entries: list[dict[str, Any]], thresholds: list[float] | None 
                 specs.append(PolicySpec(name, knob, float(t),
                                         lambda p=path, k=knob, t=t: LearnedPolicy(p, **{k: float(t)})))
         else:  # argmax of action logits: one point per file; `knob`/`value` place several files on one curve
-            knob = entry.get("knob") if entry.get("value") is not None else None
-            specs.append(PolicySpec(name, knob and str(knob), entry.get("value"), lambda p=path: LearnedPolicy(p)))
+            knob = entry.knob if entry.value is not None else None
+            specs.append(PolicySpec(name, knob, entry.value, lambda p=path: LearnedPolicy(p)))
     return specs
 
 
@@ -136,38 +145,33 @@ def print_summary(summary: dict[str, Any], max_em_loss: float, min_agreement: fl
     return text
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: RootConfig) -> dict[str, Any]:
     """`mode=evaluate`: heuristics, oracle and learned policy files on the test split -> JSON, table, Pareto PNG."""
-    from cache_core.benchmark import write_results
-    from cache_core.tasks import TaskSuite
+    from cache_core.bench.tasks import TaskSuite
 
     e = cfg.evaluate
-    if e.get("threads"):
-        torch.set_num_threads(int(e.threads))
-    max_em_loss = float(e.get("max_em_loss", 0.01))
-    min_agreement = float(e.get("min_agreement", 0.99))
-    model_path = Path(str(cfg.paths.model))
-    if not (model_path / "config.json").is_file():
-        raise FileNotFoundError(f"no model checkpoint at {model_path}: train the built-in model with `python train.py "
-                                "mode=pretrain` or set paths.model")
-    model, tokenizer = load_builtin(cfg)
-    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(str(e.split), int(e.n_examples))
-    entries = OmegaConf.to_container(e.learned, resolve=True) if e.get("learned") else []
-    thresholds = list(e.thresholds) if e.get("thresholds") else None
-    budgets = list(e.budgets) if e.get("budgets") else None
-    learned = learned_specs(entries, thresholds, budgets)
-    specs = heuristic_specs(e.heuristics, include_oracle=bool(e.include_oracle)) + learned
+    model, tokenizer = load_model_and_tokenizer(cfg.paths.model)
+    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(e.split, e.n_examples)
+    learned = learned_specs(list(e.learned), e.thresholds, e.budgets)
+    specs = heuristic_specs(e.heuristics, include_oracle=e.include_oracle) + learned
     learned_names = sorted({s.family for s in learned})
     log.info("evaluate: %d policy points (%s learned) on %d %s examples", len(specs), learned_names or "no",
              len(examples), e.split)
-    gen = generation_kwargs(cfg)
-    rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen,
-                             progress=bool(e.get("progress", True)))
-    summary = summarize(rows, max_em_loss, learned_names, min_agreement)
-    meta = {"model": str(model_path), "split": str(e.split), "n_examples": len(examples), "generation": gen,
-            "threads": torch.get_num_threads(), "learned": entries, "summary": summary}
-    out = write_results(rows, e.output_dir or cfg.paths.output, str(e.name), meta)
-    summary_text = print_summary(summary, max_em_loss, min_agreement)
-    Path(out["table"]).write_text(Path(out["table"]).read_text() + "\n" + summary_text + "\n")
-    print(f"JSON: {out['json']}\ntable: {out['table']}\nplot: {out['plot']}")
+    gen = cfg.generation.kwargs()
+    run = tracking.start_run(cfg.logger, "evaluate", cfg)
+    try:
+        rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen, progress=e.progress)
+        summary = summarize(rows, e.max_em_loss, learned_names, e.min_agreement)
+        meta = {"model": str(cfg.paths.model), "split": e.split, "n_examples": len(examples), "generation": gen,
+                "threads": torch.get_num_threads(), "learned": [tracking.plain_config(x) for x in e.learned],
+                "summary": summary}
+        out = write_results(rows, e.output_dir, e.name, meta)
+        summary_text = print_summary(summary, e.max_em_loss, e.min_agreement)
+        Path(out["table"]).write_text(Path(out["table"]).read_text() + "\n" + summary_text + "\n")
+        log_results(run, rows, out, e.name)
+        run.summary({"n_examples": len(examples), "learned": learned_names})
+    finally:
+        run.finish()
+    print(f"evaluate files (run directory {Path(e.output_dir)}):\n  JSON: {out['json']}\n  table: {out['table']}\n"
+          f"  plot: {out['plot']}")
     return {**out, "summary": summary}

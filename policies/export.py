@@ -1,5 +1,10 @@
-"""Export a trained network to the deployable policy format: `<path>.onnx` + `<path>.json` (`python train.py
-mode=export`). A supervised predictor also gets `<path>.safetensors` (its weights, for an RL warm start).
+"""Export a trained network to the deployable policy format: `<path>.onnx` + `<path>.json`, and ship trained policies
+(`python train.py mode=export export.source=... export.path=...`). A supervised predictor also gets
+`<path>.safetensors` (its weights, for an RL warm start).
+
+`export_onnx(net, path, ...)` takes a network and a path and knows nothing of how the network was trained: the
+supervised job calls it on its best checkpoint (`export_checkpoint`, which reads the checkpoint back with
+`policies.predictor.load_predictor`, no Lightning), the RL job on its agent's actor.
 
 The contract is `cache_core.learned` (read its docstring): the graph maps the feature schema's policy input
 `features` (B, n_blocks, F_block + F_global) to `refresh_logit` (B, n_blocks) or `action_logits` (B, n_blocks, A),
@@ -17,15 +22,16 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from cache_core.actions import ACTION_MODES, OUTPUTS, n_actions
 from cache_core.features import (
     BLOCK_FEATURE_NAMES,
     GLOBAL_FEATURE_NAMES,
@@ -34,7 +40,7 @@ from cache_core.features import (
     SCHEMA_ID,
     SCHEMA_VERSION,
 )
-from cache_core.learned import ACTION_MODES, OUTPUTS, POLICY_FORMAT, POLICY_FORMAT_VERSION
+from cache_core.learned import POLICY_FORMAT, POLICY_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 INPUT_NAME = "features"
@@ -67,7 +73,7 @@ def _check_output(out: torch.Tensor, output: str, action_mode: str, n_layers: in
             raise ValueError(f"output='refresh_logit' needs a network output of shape (B, n_blocks) = {shape}, got "
                              f"{tuple(out.shape)} (a BlockPredictor with n_outputs=1)")
         return
-    actions = 2 if action_mode == "binary" else n_layers + 1
+    actions = n_actions(action_mode, n_layers)
     if tuple(out.shape) != (*shape, actions):
         raise ValueError(f"output='action_logits' in action_mode={action_mode!r} with n_layers={n_layers} needs a "
                          f"network output of shape (B, n_blocks, {actions}), got {tuple(out.shape)}")
@@ -170,32 +176,33 @@ def verify_export(net: nn.Module, path: str | Path, atol: float = 1e-4) -> None:
 def export_checkpoint(ckpt_path: str | Path, path: str | Path, *, threshold: float | None = None,
                       source: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                       budget: float | None = None) -> Path:
-    """Export a supervised Lightning checkpoint (policies.supervised.SupervisedPredictor) to `<path>.onnx/.json`
-    (+ `.safetensors`). budget: a budget-conditioned predictor's default budget (None: the oracle FLOP fraction at
-    the training epsilon, `policy.epsilon`)."""
-    from policies.supervised import SupervisedPredictor
+    """Export a supervised checkpoint (a `.ckpt` of mode=supervised) to `<path>.onnx/.json` (+ `.safetensors`).
+    budget: a budget-conditioned predictor's default budget (None: the oracle FLOP fraction at the training epsilon,
+    `policy.epsilon`)."""
+    from policies.predictor import load_predictor
 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"no supervised checkpoint at {ckpt_path}: train one with `python train.py "
-                                "mode=supervised` (or set policy.export.checkpoint to a .ckpt path)")
-    # weights_only: tensors and plain containers, never code (our checkpoints hold nothing else).
-    module = SupervisedPredictor.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=True)
-    raw = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
-    hp = module.hparams
-    saved = (raw.get("blockreuse") or {}).get("val_metrics", {})
-    info = {"kind": "supervised", "checkpoint": str(ckpt_path), "epoch": raw.get("epoch"),
-            "global_step": raw.get("global_step"), "arch": hp.arch, "hidden": hp.hidden, "epsilon": hp.epsilon,
-            "net": module.net.config(), **({"budget_epsilons": hp.budget_epsilons, "budgets": hp.budgets}
-                                           if hp.budget_conditioned else {}), **(source or {})}
-    onnx_path = export_onnx(module.net, path, action_mode=hp.action_mode, output=module.output,
-                            n_layers=hp.n_layers, threshold=hp.threshold if threshold is None else float(threshold),
-                            budget_conditioned=bool(hp.budget_conditioned), source=info,
-                            metrics={**saved, **(metrics or {})},
-                            default_budget=(None if not hp.budget_conditioned else
-                                            float(hp.nominal_budget if budget is None else budget)))
-    write_weights(module.net, onnx_path, threshold=float(hp.threshold), action_mode=hp.action_mode,
-                  budget_conditioned=bool(hp.budget_conditioned))
+                                "mode=supervised` (its run directory holds checkpoints/best.ckpt)")
+    net, meta = load_predictor(ckpt_path)
+    if meta.get("n_layers") is None or meta.get("action_mode") is None:
+        raise ValueError(f"{ckpt_path}: not a mode=supervised checkpoint (no n_layers / action_mode recorded)")
+    conditioned = bool(meta["budget_conditioned"])
+    info = {"kind": "supervised", "checkpoint": str(ckpt_path), "epoch": meta.get("epoch"),
+            "global_step": meta.get("global_step"), "arch": meta.get("arch"), "hidden": meta.get("hidden"),
+            "epsilon": meta.get("epsilon"), "net": meta["net_config"],
+            **({"budget_epsilons": meta.get("budget_epsilons"), "budgets": meta.get("budgets")} if conditioned else {}),
+            **(source or {})}
+    output = "refresh_logit" if meta["action_mode"] == "binary" else "action_logits"
+    onnx_path = export_onnx(net, path, action_mode=meta["action_mode"], output=output, n_layers=int(meta["n_layers"]),
+                            threshold=meta["threshold"] if threshold is None else float(threshold),
+                            budget_conditioned=conditioned, source=info,
+                            metrics={**meta.get("val_metrics", {}), **(metrics or {})},
+                            default_budget=(None if not conditioned else
+                                            float(meta.get("nominal_budget", 1.0) if budget is None else budget)))
+    write_weights(net, onnx_path, threshold=float(meta["threshold"]), action_mode=meta["action_mode"],
+                  budget_conditioned=conditioned)
     return onnx_path
 
 
@@ -224,26 +231,47 @@ def write_weights(net: nn.Module, path: str | Path, *, threshold: float, action_
     return out
 
 
-def resolve_checkpoint(cfg: DictConfig) -> Path:
-    """policy.export.checkpoint: best | last | a path to a .ckpt."""
-    from policies.supervised import checkpoint_dir
+def ship_exported(source: str | Path, path: str | Path) -> Path:
+    """Copy an exported policy (`<source>.onnx` + `.json`, and `.safetensors` when there) to `<path>.*`, after loading
+    it through the runtime (`LearnedPolicy`), so that a file that cannot run here is never shipped."""
+    from cache_core.learned import LearnedPolicy
 
-    which = str(cfg.policy.export.checkpoint)
-    if which in ("best", "last"):
-        directory = checkpoint_dir(cfg)
-        path = directory / f"{which}.ckpt"
-        if which == "best" and not path.is_file() and (directory / "last.ckpt").is_file():
-            log.warning("no best.ckpt in %s (no validation split?): exporting last.ckpt", directory)
-            path = directory / "last.ckpt"
-        return path
-    return Path(which)
+    src_onnx, src_json = policy_paths(source)
+    LearnedPolicy(src_onnx)  # refuses a missing, corrupt or other-schema file with a message naming it
+    dst_onnx, dst_json = policy_paths(path)
+    if dst_onnx.resolve() == src_onnx.resolve():
+        raise ValueError(f"export.source and export.path are the same file ({src_onnx})")
+    dst_onnx.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src_onnx, dst_onnx)
+    shutil.copyfile(src_json, dst_json)
+    if weights_path(source).is_file():
+        shutil.copyfile(weights_path(source), weights_path(path))
+    elif weights_path(path).is_file():
+        weights_path(path).unlink()  # a stale predictor's weights must not sit beside another policy
+    return dst_onnx
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """`mode=export`: the best (or last, or given) supervised checkpoint -> policy.export.path (.onnx + .json)."""
-    ckpt = resolve_checkpoint(cfg)
-    ecfg = cfg.policy.export
-    onnx_path = export_checkpoint(ckpt, str(ecfg.path), threshold=ecfg.get("threshold"), budget=ecfg.get("budget"))
+def run(cfg: Any) -> dict[str, Any]:
+    """`mode=export`: ship a trained policy to an explicit path. export.source: a supervised `.ckpt` (exported
+    afresh, with export.threshold / export.budget) or an exported `.onnx` of any run (checked, then copied)."""
+    e = cfg.export
+    if not e.source or not e.path:
+        raise ValueError("mode=export ships a trained policy to an explicit place: give export.source=<a run's "
+                         "checkpoints/best.ckpt or predictor.onnx / rl_agent.onnx> and export.path=<where>, e.g. "
+                         "export.path=checkpoints/policies/predictor")
+    source = Path(e.source)
+    if source.suffix == ".ckpt":
+        onnx_path = export_checkpoint(source, e.path, threshold=e.threshold, budget=e.budget)
+    elif source.suffix in (".onnx", ".json"):
+        if e.threshold is not None or e.budget is not None:
+            raise ValueError("export.threshold / export.budget re-export a supervised checkpoint; an exported .onnx "
+                             "is shipped as it is (give its run's checkpoints/best.ckpt to change them)")
+        onnx_path = ship_exported(source, e.path)
+    else:
+        raise ValueError(f"export.source={source}: expected a supervised checkpoint (.ckpt) or an exported policy "
+                         "(.onnx)")
     json_path, weights = onnx_path.with_suffix(".json"), weights_path(onnx_path)
-    print(f"exported policy: {onnx_path} (+ {json_path.name}, {weights.name}) from {ckpt}")
-    return {"onnx": str(onnx_path), "manifest": str(json_path), "weights": str(weights), "checkpoint": str(ckpt)}
+    shipped = [str(p) for p in (onnx_path, json_path, weights) if p.is_file()]
+    print(f"exported policy: {', '.join(shipped)} (from {source})")
+    return {"onnx": str(onnx_path), "manifest": str(json_path), "weights": str(weights) if weights.is_file() else None,
+            "source": str(source)}

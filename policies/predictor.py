@@ -18,23 +18,29 @@ features extractor, so keep `BlockPredictor(in_features, hidden, arch=..., n_out
 stable.
 
 `TorchPolicy` wraps a live network as a `ReusePolicy` in-process (validation generations during training, and the
-reference the exported file is compared with); it reads outputs exactly as `cache_core.learned.LearnedPolicy` does.
+reference the exported file is compared with); it reads outputs with the action codec (`cache_core.actions`), as
+`cache_core.learned.LearnedPolicy` does. `read_predictor` / `load_predictor` read a trained predictor back without
+Lightning (for `mode=export` and the RL warm start).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from cache_core.actions import plan_from_output
 from cache_core.cache import RefreshPlan
 from cache_core.features import (
     BLOCK_FEATURE_NAMES,
     GLOBAL_FEATURE_NAMES,
     N_BLOCK_FEATURES,
     N_GLOBAL_FEATURES,
+    SCHEMA_ID,
     StepFeatures,
 )
 from cache_core.policy import ReusePolicy, StepContext
@@ -75,7 +81,7 @@ class _AttentionLayer(nn.Module):
 
 class BlockPredictor(nn.Module):
     """Per-block scores from the policy input. n_outputs = 1: refresh logit (B, nb); n_layers + 1: depth action
-    logits (B, nb, n_layers + 1) read as in `cache_core.learned` (0 = reuse, j = refresh the top j layers)."""
+    logits (B, nb, n_layers + 1) read by `cache_core.actions` (0 = reuse, j = refresh the top j layers)."""
 
     def __init__(self, in_features: int = N_FEATURES, hidden: int = 64, arch: str = "mlp", n_outputs: int = 1,
                  n_layers_attn: int = 1, n_heads: int = 2, dropout: float = 0.0,
@@ -149,22 +155,73 @@ class BlockPredictor(nn.Module):
         return out.squeeze(-1) if self.n_outputs == 1 else out
 
 
-def refresh_probability(out: torch.Tensor, output: str) -> torch.Tensor:
-    """P(refresh) per block from a network output: sigmoid of the refresh logit, or 1 - P(action 0 = reuse)."""
-    if output == "refresh_logit":
-        return torch.sigmoid(out)
-    return 1.0 - out.softmax(-1)[..., 0]
+PREDICTOR_ANCHOR = "embed.0.weight"  # BlockPredictor's first layer: its key gives the prefix a network was saved under
 
 
-def decide(out: torch.Tensor, output: str, action_mode: str, n_layers: int, threshold: float) -> RefreshPlan:
-    """A network output -> RefreshPlan, by the rules of `cache_core.learned.LearnedPolicy.plan` (kept identical so the
-    live network and its exported file make the same decisions)."""
-    if output == "refresh_logit":
-        return RefreshPlan.from_refresh_mask(torch.sigmoid(out) >= threshold, n_layers)
-    action = out.argmax(-1)
-    if action_mode == "binary":
-        return RefreshPlan.from_refresh_mask(action == 1, n_layers)
-    return RefreshPlan((n_layers - action).clamp(0, n_layers).long())
+def read_predictor(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The `BlockPredictor` tensors of a trained predictor and what is known about them (net config, threshold,
+    action mode, budget conditioning, ...), from a supervised Lightning checkpoint (`.ckpt`, network under `net.`,
+    facts in its hyperparameters) or an exported predictor's weights (`.safetensors`, facts in its header; see
+    `policies.export.write_weights`). Read with safetensors or `torch.load(weights_only=True)`, which restores
+    tensors and plain containers only, never code. Used by `mode=export` and the RL agent's warm start."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such predictor file (a supervised run's <run dir>/checkpoints/best.ckpt, "
+                                "or an exported <name>.safetensors)")
+    header: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:  # one read: the header and the tensors
+                header = dict(f.metadata() or {})
+                raw: Any = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        if header.get("schema_id") not in (None, SCHEMA_ID):
+            raise ValueError(f"{path}: built for feature schema {header['schema_id']!r}, this code computes "
+                             f"{SCHEMA_ID!r}; retrain the predictor (python train.py) and export it again")
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (unpickling errors come in many types)
+            raise ValueError(f"{path}: not loadable with torch.load(weights_only=True) ({err}); the file is "
+                             "corrupt, truncated or not a checkpoint") from err
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict or a Lightning checkpoint")
+    prefixes = [k[: -len(PREDICTOR_ANCHOR)] for k in state if k.endswith(PREDICTOR_ANCHOR)]
+    if not prefixes:
+        raise ValueError(f"{path}: no BlockPredictor weights in it (no key ending in {PREDICTOR_ANCHOR!r})")
+    prefix = min(prefixes, key=len)
+    tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and torch.is_tensor(v)}
+    if header:
+        meta = {"net_config": json.loads(header.get("net_config") or "{}"),
+                "threshold": float(header.get("threshold", 0.5)),
+                "budget_conditioned": json.loads(header.get("budget_conditioned", "false")),
+                "action_mode": header.get("action_mode")}
+        return tensors, meta
+    hp = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
+    extra = (raw.get("blockreuse") if isinstance(raw, dict) else None) or {}
+    meta = {**hp, "net_config": dict(extra.get("net_config") or {}), "threshold": float(hp.get("threshold", 0.5)),
+            "budget_conditioned": bool(hp.get("budget_conditioned", False)), "action_mode": hp.get("action_mode"),
+            "val_metrics": dict(extra.get("val_metrics") or {}), "epoch": raw.get("epoch"),
+            "global_step": raw.get("global_step")}
+    return tensors, meta
+
+
+def load_predictor(path: str | Path) -> tuple[BlockPredictor, dict[str, Any]]:
+    """A trained predictor (`read_predictor`) rebuilt as an eval-mode `BlockPredictor`, with its facts."""
+    tensors, meta = read_predictor(path)
+    if not meta["net_config"]:
+        raise ValueError(f"{path}: no net config recorded with the weights; it was not written by this project's "
+                         "mode=supervised / export")
+    net = BlockPredictor(**meta["net_config"])
+    missing, unexpected = net.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the weights do not fit the recorded network (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    return net.eval(), meta
 
 
 class TorchPolicy(ReusePolicy):
@@ -194,4 +251,4 @@ class TorchPolicy(ReusePolicy):
             out = self.net(x).float().cpu()
         finally:
             self.net.train(was_training)
-        return decide(out, self.output, self.action_mode, ctx.n_layers, self.refresh_threshold)
+        return plan_from_output(out, self.output, self.action_mode, ctx.n_layers, self.refresh_threshold)

@@ -253,7 +253,8 @@ class GenerationEvalCallback(BaseCallback):
 
 # --- W&B -----------------------------------------------------------------------------------------------------------
 class WandbOutputFormat(KVWriter):
-    """SB3 logger output that sends every dumped scalar to the active W&B run (step = env timesteps)."""
+    """SB3 logger output that sends every dumped scalar to the job's W&B run (`policies.tracking.Run`; step = env
+    timesteps)."""
 
     def __init__(self, run: Any):
         self.run = run

@@ -37,17 +37,12 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from cache_core.features import BLOCK_FEATURE_NAMES
+from cache_core.features import BLOCK_FEATURE_NAMES, policy_input
 
 IS_DECODING = BLOCK_FEATURE_NAMES.index("is_decoding")
 VALID_FRACTION = BLOCK_FEATURE_NAMES.index("valid_fraction")
 MASKED_LOGIT = 30.0  # |logit| that pins a non-free block to "reuse" (probability 1 - 1e-13)
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
-
-
-def policy_input(blocks: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
-    """(B, nb, F_b), (B, F_g) -> (B, nb, F_b + F_g): the env observation as `StepFeatures.policy_input()`."""
-    return torch.cat([blocks, global_[:, None, :].expand(-1, blocks.shape[1], -1)], dim=-1)
 
 
 def _mlp(in_dim: int, sizes: list[int], activation: type[nn.Module]) -> tuple[nn.Module, int]:

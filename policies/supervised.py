@@ -20,8 +20,10 @@ recall / predicted refresh rate at the default threshold, and every `policy.gene
 (and after the last) exact match, agreement with no-cache and FLOP fraction of the live network in real generation on
 a few validation-split prompts (the network wrapped as a `ReusePolicy` in-process, no export).
 
-Checkpoints go to `policy.checkpoint_dir` (stable across runs, so `policy.resume=true` picks up its last.ckpt; in a
-multirun every job gets `<checkpoint_dir>/job<num>`), or resume from an explicit `policy.ckpt_path`.
+Checkpoints go to `policy.checkpoint_dir` (the run directory's checkpoints/; in a multirun every job gets
+`<checkpoint_dir>/job<num>`); `policy.resume=<earlier run>/checkpoints/last.ckpt` continues an earlier run. The best
+checkpoint is exported into the run directory (`predictor.onnx/.json/.safetensors`) and logged as a W&B artifact;
+`mode=export` ships a policy elsewhere.
 """
 
 from __future__ import annotations
@@ -35,18 +37,16 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
+from cache_core.actions import check_action_mode, n_actions, oracle_actions, refresh_probability
+from cache_core.bench import tracking
 from cache_core.features import BLOCK_FEATURE_NAMES
-from policies.data import BUDGET_COLUMN, ShardDataModule, budget_of_epsilon, check_epsilon, depth_labels, refresh_labels
-from policies.predictor import ARCHS, BlockPredictor, TorchPolicy, refresh_probability
+from policies.config import LABEL_WEIGHTINGS, PolicyConfig, RootConfig, check_epsilon
+from policies.data import BUDGET_COLUMN, ShardDataModule, budget_of_epsilon
+from policies.predictor import BlockPredictor, TorchPolicy
 
 log = logging.getLogger(__name__)
-ACTION_MODES = ("binary", "depth")
-LABEL_WEIGHTINGS = ("none", "attention")
 ATTENTION_MASS = BLOCK_FEATURE_NAMES.index("attention_mass")
-# Keys of conf/trainer/*.yaml that are ours, not lightning.Trainer arguments.
-TRAINER_EXTRA_KEYS = ("num_threads", "matmul_precision")
 
 
 def label_drift(drift: torch.Tensor, x: torch.Tensor, block_mask: torch.Tensor, weighting: str = "none",
@@ -72,15 +72,14 @@ class SupervisedPredictor(L.LightningModule):
                  nominal_budget: float = 1.0, ignore_features: list[str] | None = None,
                  label_weighting: str = "none", attention_power: float = 1.0):
         super().__init__()
-        if action_mode not in ACTION_MODES:
-            raise ValueError(f"policy.action_mode={action_mode!r}; choose one of {list(ACTION_MODES)}")
-        check_epsilon(epsilon)
+        check_action_mode(action_mode)
+        check_epsilon("policy.epsilon", epsilon)
         if label_weighting not in LABEL_WEIGHTINGS:
             raise ValueError(f"policy.label_weighting={label_weighting!r}; choose one of {list(LABEL_WEIGHTINGS)}")
         if budget_conditioned and (not budget_epsilons or not budgets or len(budget_epsilons) != len(budgets)):
             raise ValueError("a budget-conditioned predictor needs policy.budget_epsilons and their budgets")
         self.save_hyperparameters()
-        n_outputs = 1 if action_mode == "binary" else n_layers + 1
+        n_outputs = 1 if action_mode == "binary" else n_actions(action_mode, n_layers)
         self.net = BlockPredictor(hidden=hidden, arch=arch, n_outputs=n_outputs, n_layers_attn=n_layers_attn,
                                   n_heads=n_heads, dropout=dropout, ignore_features=tuple(ignore_features or ()))
         self.output = "refresh_logit" if action_mode == "binary" else "action_logits"
@@ -117,7 +116,7 @@ class SupervisedPredictor(L.LightningModule):
         x, eps = self._condition(x, train)
         out = self(x, block_mask)
         drift = self.label_drift(drift, x, block_mask)
-        refresh = refresh_labels(drift, eps)
+        refresh = oracle_actions(drift, eps, "binary").float()
         keep = loss_mask.bool()
         n = keep.sum().clamp(min=1)
         if self.hparams.action_mode == "binary":
@@ -128,7 +127,7 @@ class SupervisedPredictor(L.LightningModule):
             if self.hparams.pos_weight is not None:
                 weight = out.new_full((out.shape[-1],), float(self.hparams.pos_weight))
                 weight[0] = 1.0
-            loss = F.cross_entropy(out.flatten(0, 1), depth_labels(drift, eps).flatten(), weight=weight,
+            loss = F.cross_entropy(out.flatten(0, 1), oracle_actions(drift, eps, "depth").flatten(), weight=weight,
                                    reduction="none")
             loss = loss.view(keep.shape)
         loss = (loss * keep).sum() / n
@@ -205,8 +204,8 @@ class GenerationCheck(L.Callback):
         self._reference: dict[str, Any] | None = None
 
     def _generate(self, policy: Any) -> dict[str, Any]:
+        from cache_core.bench.tasks import score
         from cache_core.generate import generate
-        from cache_core.tasks import score
 
         answers, flops = [], 0.0
         for i in range(0, len(self.examples), self.batch_size):
@@ -220,7 +219,7 @@ class GenerationCheck(L.Callback):
 
     def measure(self, module: SupervisedPredictor) -> dict[str, float]:
         from cache_core.checkpoint import load_model, load_tokenizer
-        from cache_core.policy import make_policy
+        from cache_core.registry import make_policy
 
         if self._model is None:
             self._model, self._tokenizer = load_model(self.model_path), load_tokenizer(self.model_path)
@@ -253,136 +252,15 @@ class GenerationCheck(L.Callback):
                  metrics["gen/full_exact_match"], metrics["gen/flop_fraction"])
 
 
-# --- W&B -------------------------------------------------------------------------------------------------------------
-def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as a plain dict (unresolvable `hydra:` interpolations outside a Hydra app left as text)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except Exception:  # noqa: BLE001 - outside a Hydra app `${hydra:...}` cannot resolve; log the raw text then
-        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
-
-
-def _hydra_job() -> dict[str, Any]:
-    """Hydra's run mode, job number, override string and sweep/run dir, when inside a Hydra app."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    h = HydraConfig.get()
-    multirun = str(h.mode).endswith("MULTIRUN")
-    return {"multirun": multirun, "num": h.job.get("num"), "overrides": h.job.override_dirname,
-            "sweep_dir": h.sweep.dir if multirun else None, "output_dir": h.runtime.output_dir}
-
-
-def run_names(name: str | None, group: str | None, job: dict[str, Any], job_type: str) -> tuple[str, str | None]:
-    """W&B run name and group: the configured ones, else `<job type>-<run dir name>`; in a multirun the name gets the
-    job number (one run per job) and the group defaults to the sweep directory's name."""
-    if job.get("multirun"):
-        return f"{name or job_type}-{job['num']}", group or Path(str(job["sweep_dir"])).name
-    name = name or (f"{job_type}-{Path(str(job['output_dir'])).name}" if job.get("output_dir") else job_type)
-    return name, group
-
-
-def make_logger(cfg: DictConfig, job_type: str = "supervised") -> Any:
-    """Lightning's WandbLogger from cfg.logger (offline unless `logger.mode=online`), or None with `logger=none`.
-
-    The run lives under the Hydra output dir (`<save_dir>/wandb/offline-run-*`); in a multirun every job is its own
-    run, named `<name>-<job num>` and grouped by the sweep directory."""
-    lcfg = cfg.get("logger")
-    if lcfg is None or str(lcfg.get("backend", "none")) == "none":
-        return None
-    mode = str(lcfg.get("mode", "offline"))
-    if mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"logger.mode={mode!r}; choose offline (default, no network), online or disabled")
-    if mode == "disabled":
-        return None
-    from lightning.pytorch.loggers import WandbLogger
-
-    os.environ["WANDB_MODE"] = mode  # train.py defaults it to offline; an explicit logger.mode wins
-    os.environ.setdefault("WANDB_SILENT", "true")
-    save_dir = Path(str(lcfg.get("save_dir") or cfg.paths.output))
-    save_dir.mkdir(parents=True, exist_ok=True)
-    name, group = run_names(lcfg.get("name"), lcfg.get("group"), _hydra_job(), job_type)
-    tags = list(lcfg.get("tags") or [])
-    logger = WandbLogger(project=str(lcfg.get("project", "blockreuse")), entity=lcfg.get("entity"), name=name,
-                         group=group, tags=tags, save_dir=str(save_dir), job_type=job_type, log_model=False,
-                         mode=mode)
-    logger.log_hyperparams(resolved_config(cfg))
-    return logger
-
-
-def log_artifact(logger: Any, files: list[Path], name: str, metadata: dict[str, Any] | None = None) -> None:
-    """Log files (an exported policy: .onnx + .json) as one W&B model artifact of the logger's run."""
-    if logger is None:
-        return
-    import wandb
-
-    artifact = wandb.Artifact(name=name, type="model", metadata=metadata or {})
-    for f in files:
-        artifact.add_file(str(f))
-    logger.experiment.log_artifact(artifact)
-
-
-def finish_logger(logger: Any) -> None:
-    if logger is None:
-        return
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
-
-
 # --- the job -------------------------------------------------------------------------------------------------------
-def checkpoint_dir(cfg: DictConfig) -> Path:
-    """policy.checkpoint_dir, one sub-directory per job in a multirun (jobs must not share last.ckpt)."""
-    directory = Path(str(cfg.policy.checkpoint_dir))
-    job = _hydra_job()
-    if job.get("multirun"):
-        directory = directory / f"job{job['num']}"
-    return directory
-
-
-def shards_dir(cfg: DictConfig) -> Path | list[Path]:
-    """data.shards_dir: one directory, or a list of them (e.g. a first collection + DAgger rounds)."""
-    directory = cfg.data.get("shards_dir")
-    if not directory:
-        raise ValueError("data.shards_dir is not set: collect shards with `python train.py mode=collect` and pass "
-                         "data.shards_dir=<its output_dir>")
-    if isinstance(directory, str):
-        return Path(directory)
-    return [Path(str(d)) for d in directory]
-
-
-def _trainer_kwargs(tcfg: DictConfig) -> dict[str, Any]:
-    kwargs = {k: v for k, v in OmegaConf.to_container(tcfg, resolve=True).items() if k not in TRAINER_EXTRA_KEYS}
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def _check_policy_config(pcfg: DictConfig) -> None:
-    if pcfg.arch not in ARCHS:
-        raise ValueError(f"unknown policy.arch={pcfg.arch!r}; choose one of {list(ARCHS)}")
-    if pcfg.action_mode not in ACTION_MODES:
-        raise ValueError(f"policy.action_mode={pcfg.action_mode!r}; choose one of {list(ACTION_MODES)}")
-    check_epsilon(pcfg.epsilon)
-    if not 0.0 <= float(pcfg.threshold) <= 1.0:
-        raise ValueError(f"policy.threshold={pcfg.threshold} must lie in [0, 1]")
-    if pcfg.budget_conditioned:
-        for eps in pcfg.budget_epsilons or []:
-            check_epsilon(eps)
-        if not pcfg.budget_epsilons:
-            raise ValueError("policy.budget_conditioned=true needs policy.budget_epsilons (a list of epsilons)")
-
-
-def build_module(pcfg: DictConfig, dm: ShardDataModule) -> SupervisedPredictor:
+def build_module(pcfg: PolicyConfig, dm: ShardDataModule) -> SupervisedPredictor:
     """The LightningModule for these shards: pos_weight and budgets measured on the training rows."""
     train = dm.subset(dm.train_index)
-    pos_weight = pcfg.get("pos_weight", "auto")
-    weighting, power = str(pcfg.get("label_weighting", "none")), float(pcfg.get("attention_power", 1.0))
-    if weighting not in LABEL_WEIGHTINGS:
-        raise ValueError(f"policy.label_weighting={weighting!r}; choose one of {list(LABEL_WEIGHTINGS)}")
+    weighting, power = pcfg.label_weighting, float(pcfg.attention_power)
+    drift = label_drift(train["drift"], train["x"], train["block_mask"], weighting, power)
+    pos_weight = pcfg.pos_weight
     if pos_weight == "auto":
-        drift = label_drift(train["drift"], train["x"], train["block_mask"], weighting, power)
-        labels = refresh_labels(drift, float(pcfg.epsilon))[train["loss_mask"]]
+        labels = oracle_actions(drift, float(pcfg.epsilon), "binary").float()[train["loss_mask"]]
         pos, neg = float(labels.sum()), float((1 - labels).sum())
         # Refreshes are the minority; clamp so that an almost label-free shard cannot blow the loss up.
         pos_weight = min(max(neg / max(pos, 1.0), 0.1), 100.0) if labels.numel() else 1.0
@@ -391,102 +269,83 @@ def build_module(pcfg: DictConfig, dm: ShardDataModule) -> SupervisedPredictor:
     epsilons, budgets, nominal = None, None, 1.0
     if pcfg.budget_conditioned:
         epsilons = [float(e) for e in pcfg.budget_epsilons]
-        drift = label_drift(train["drift"], train["x"], train["block_mask"], weighting, power)
         budgets = budget_of_epsilon(drift, train["x"], train["loss_mask"], train["block_mask"], epsilons)
         nominal = budget_of_epsilon(drift, train["x"], train["loss_mask"], train["block_mask"],
                                     [float(pcfg.epsilon)])[0]
         log.info("budget conditioning: epsilon -> oracle FLOP fraction %s",
                  {e: round(b, 3) for e, b in zip(epsilons, budgets)})
-    ignore = [str(f) for f in pcfg.get("ignore_features") or []]
+    ignore = list(pcfg.ignore_features)
     if not pcfg.budget_conditioned and "budget" not in ignore:
         ignore.append("budget")  # constant in the data; ignoring it keeps generate(budget=...) from steering the net
-    if pcfg.budget_conditioned and "budget" in ignore:
-        raise ValueError("policy.budget_conditioned=true needs the budget feature: drop it from policy.ignore_features")
     return SupervisedPredictor(
         n_layers=dm.n_layers, ignore_features=ignore, action_mode=pcfg.action_mode, arch=pcfg.arch,
-        hidden=int(pcfg.hidden),
-        n_layers_attn=int(pcfg.n_layers_attn), n_heads=int(pcfg.n_heads), dropout=float(pcfg.dropout),
+        hidden=pcfg.hidden, n_layers_attn=pcfg.n_layers_attn, n_heads=pcfg.n_heads, dropout=float(pcfg.dropout),
         epsilon=float(pcfg.epsilon), lr=float(pcfg.lr), weight_decay=float(pcfg.weight_decay),
         pos_weight=None if pos_weight is None else float(pos_weight), threshold=float(pcfg.threshold),
-        budget_conditioned=bool(pcfg.budget_conditioned), budget_epsilons=epsilons, budgets=budgets,
+        budget_conditioned=pcfg.budget_conditioned, budget_epsilons=epsilons, budgets=budgets,
         nominal_budget=nominal, label_weighting=weighting, attention_power=power,
     )
 
 
-def _generation_check(cfg: DictConfig, pcfg: DictConfig) -> GenerationCheck | None:
-    gcfg = pcfg.get("generation_check")
-    if not gcfg or not gcfg.get("enabled", True) or int(gcfg.get("n_prompts", 0)) < 1:
+def generation_check(cfg: RootConfig) -> GenerationCheck | None:
+    """The callback of policy.generation_check, or None when it is off or there is no model to generate with."""
+    gcfg = cfg.policy.generation_check
+    if not gcfg.enabled or gcfg.n_prompts < 1:
         return None
-    model_path = Path(str(cfg.paths.model))
+    model_path = Path(cfg.paths.model)
     if not (model_path / "config.json").is_file():
         log.warning("generation check skipped: no model checkpoint at %s (train it with `python train.py "
                     "mode=pretrain`)", model_path)
         return None
-    from cache_core.benchmark import generation_kwargs
-    from cache_core.tasks import TaskSuite
+    from cache_core.bench.tasks import TaskSuite
 
-    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(str(gcfg.split), int(gcfg.n_prompts))
-    return GenerationCheck(model_path, examples, generation_kwargs(cfg), int(gcfg.every_n_epochs),
-                           int(gcfg.batch_size), budget=gcfg.get("budget"))
+    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(gcfg.split, gcfg.n_prompts)
+    return GenerationCheck(model_path, examples, cfg.generation.kwargs(), gcfg.every_n_epochs, gcfg.batch_size,
+                           budget=gcfg.budget)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """`mode=supervised`: train the predictor on cfg.data.shards_dir; returns checkpoint paths and final metrics."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+def run(cfg: RootConfig) -> dict[str, Any]:
+    """`mode=supervised`: train the predictor on data.shards_dir, export its best checkpoint into the run directory;
+    returns checkpoint paths and final metrics."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from policies.export import export_checkpoint
 
     pcfg, tcfg = cfg.policy, cfg.trainer
-    _check_policy_config(pcfg)
-    strategy = str(tcfg.get("strategy", "auto"))
-    if strategy.startswith("ddp") and cfg.get("mode") == "main" and "LOCAL_RANK" not in os.environ:
+    if tcfg.strategy.startswith("ddp") and cfg.mode == "main" and "LOCAL_RANK" not in os.environ:
         raise ValueError("trainer=ddp relaunches this script once per process, which in the main job would re-run "
                          "collection in every process: collect first, then `python train.py mode=supervised "
                          "trainer=ddp data.shards_dir=<shards>` (see conf/trainer/ddp.yaml)")
-    if tcfg.get("num_threads"):
-        torch.set_num_threads(int(tcfg.num_threads))
-    if tcfg.get("matmul_precision"):
-        torch.set_float32_matmul_precision(str(tcfg.matmul_precision))
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if tcfg.matmul_precision:
+        torch.set_float32_matmul_precision(tcfg.matmul_precision)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dcfg = cfg.data
-    dm = ShardDataModule(shards_dir(cfg), batch_size=int(dcfg.batch_size), val_fraction=float(dcfg.val_fraction),
-                         group_by=str(dcfg.group_by), seed=int(cfg.seed), num_workers=int(dcfg.num_workers),
-                         max_rows=dcfg.get("max_rows")).prepare()
+    dm = ShardDataModule(dcfg.directories if len(dcfg.directories) > 1 else dcfg.directories[0],
+                         batch_size=dcfg.batch_size, val_fraction=float(dcfg.val_fraction), group_by=dcfg.group_by,
+                         seed=cfg.seed, num_workers=dcfg.num_workers, max_rows=dcfg.max_rows).prepare()
     module = build_module(pcfg, dm)
     has_val = len(dm.val_index) > 0
 
-    ckpt_dir = checkpoint_dir(cfg)
-    ckpt_path = pcfg.get("ckpt_path")
-    if ckpt_path is None and pcfg.get("resume"):
-        last = ckpt_dir / "last.ckpt"
-        if last.is_file():
-            ckpt_path = str(last)
-            log.info("resuming from %s", last)
-        else:
-            log.warning("policy.resume=true but %s does not exist: training from scratch", last)
-    if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
-        raise FileNotFoundError(f"policy.ckpt_path={ckpt_path} does not exist")
-    if ckpt_path is None and (ckpt_dir / "last.ckpt").exists():
-        log.warning("%s holds checkpoints of an earlier run; they will be overwritten (policy.resume=true continues "
-                    "that run instead)", ckpt_dir)
+    ckpt_dir = tracking.per_job(pcfg.checkpoint_dir)
+    if pcfg.resume is None and (ckpt_dir / "last.ckpt").exists():
+        log.warning("%s holds checkpoints of an earlier run; they will be overwritten (policy.resume=%s continues "
+                    "that run instead)", ckpt_dir, ckpt_dir / "last.ckpt")
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/ap" if has_val else None,
                                  mode="max", save_last=True, save_top_k=1, enable_version_counter=False)
     callbacks: list[L.Callback] = [checkpoint]
-    check = _generation_check(cfg, pcfg)
+    check = generation_check(cfg)
     if check is not None:
         callbacks.append(check)
 
-    logger = make_logger(cfg, job_type="supervised")
+    logger = tracking.lightning_logger(cfg.logger, "supervised", cfg)
     if logger is not None:
-        from lightning.pytorch.callbacks import LearningRateMonitor
-
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     try:
-        trainer = L.Trainer(**_trainer_kwargs(tcfg), callbacks=callbacks, logger=logger if logger else False,
-                            default_root_dir=str(cfg.paths.output))
+        trainer = L.Trainer(**tcfg.kwargs(), callbacks=callbacks, logger=logger if logger else False,
+                            default_root_dir=cfg.paths.output)
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=dm, ckpt_path=pcfg.resume)
         seconds = time.perf_counter() - t0
         best = checkpoint.best_model_path or str(ckpt_dir / "last.ckpt")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
@@ -495,18 +354,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "best_score": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
             "metrics": metrics, "seconds": seconds, "rows": len(dm.rows["x"]),
         }
-        if trainer.is_global_zero and pcfg.get("log_export", True):
-            # The run's own exported file (the shipped one is written by mode=export): logged as a W&B artifact.
-            exported = export_checkpoint(best, Path(str(cfg.paths.output)) / "predictor",
+        if trainer.is_global_zero and pcfg.log_export:
+            # The run's own exported file; shipping it elsewhere is `mode=export` with a path.
+            exported = export_checkpoint(best, tracking.per_job(Path(cfg.paths.output) / "predictor", file=True),
                                          source={"shards_dir": [str(d) for d in dm.shards_dirs]})
             result["exported"] = str(exported)
-            log_artifact(logger, [exported, exported.with_suffix(".json"), exported.with_suffix(".safetensors")],
-                         "block-predictor",
-                         {"epsilon": float(pcfg.epsilon), "arch": str(pcfg.arch), "best_score": result["best_score"]})
-        if logger is not None and trainer.is_global_zero:  # other ranks hold a dummy experiment
-            result["wandb_dir"] = str(Path(logger.experiment.dir).parent)
+            run = tracking.Run.of_lightning(logger)
+            run.log_artifact([exported, exported.with_suffix(".json"), exported.with_suffix(".safetensors")],
+                             "block-predictor", metadata={"epsilon": float(pcfg.epsilon), "arch": pcfg.arch,
+                                                          "best_score": result["best_score"]})
+            if run.active:
+                result["wandb_dir"] = run.directory
         log.info("supervised: best %s (val/ap %s), %d rows, %.0fs", best, result["best_score"], result["rows"],
                  seconds)
         return result
     finally:
-        finish_logger(logger)
+        tracking.finish_lightning(logger)

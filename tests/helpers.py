@@ -2,7 +2,8 @@
 
 Nothing here calls the engine's layer code: `reference_logits` re-derives LLaDA's maths from the state_dict tensors
 with plain torch ops (float64), and `reference_generate` is LLaDA's whole-canvas sampling loop written from the
-description in shared/REFERENCE.md. Tests compare the engine against these.
+published description of LLaDA's sampling (canvas, linear schedule, low-confidence remasking). Tests compare the engine
+against these.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from cache_core.model import LLaDAModel, ModelConfig
+from cache_core.models import LLaDAModel, ModelConfig
 
 # Tiny models: vocabulary 40 padded to an embedding of 48 rows (like LLaDA pads its embedding). The mask token lives
 # in the padded rows, outside the predicted vocabulary, so a random model can never predict it (a model that predicts
@@ -305,3 +308,50 @@ def wandb_records(path: Path) -> list[bytes]:
         elif kind == 4:
             out.append(pending + chunk)
     return out
+
+
+def compose_cfg(tmp: Path, *overrides: str, logger: str = "none", as_dict: bool = False):
+    """The project's typed config (policies.config.RootConfig) with every path under tmp, a quiet trainer, no W&B
+    unless asked and no generation check: what `python train.py` would run with these overrides."""
+    from policies.config import compose
+
+    base = [
+        f"paths.output={tmp / 'out'}", f"paths.model={tmp / 'no-model'}", f"data.shards_dir={tmp / 'shards'}",
+        f"logger={logger}", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "policy.generation_check.enabled=false", "data.batch_size=32",
+        "policy.lr=1e-2",
+    ]
+    return compose([*base, *overrides], as_dict=as_dict)
+
+
+def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict[str, set]:
+    """Record kinds and keys of an offline run. wandb-core may still be writing the log when wandb.finish() returns
+    on a loaded machine, so wait for the run's `exit` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = _read_offline_run(run_dir)
+        if "exit" in found["kinds"] or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _read_offline_run(run_dir: Path) -> dict[str, set]:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    found: dict[str, set] = defaultdict(set)
+    (log_file,) = run_dir.glob("run-*.wandb")
+    for raw in wandb_records(log_file):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        found["kinds"].add(kind)
+        if kind == "history":
+            found["history"] |= {i.key or "/".join(i.nested_key) for i in record.history.item}
+        elif kind == "config":
+            found["config"] |= {i.key or "/".join(i.nested_key) for i in record.config.update}
+        elif kind == "artifact":
+            found["artifacts"].add(record.artifact.name)
+            found["artifact_files"] |= {m.path for m in record.artifact.manifest.contents}
+        elif kind == "run":
+            found["run"] |= {record.run.display_name, record.run.job_type, record.run.project}
+    return found

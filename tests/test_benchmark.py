@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cache_core import LLaDAModel, ModelConfig
-from cache_core.benchmark import evaluate_policies, heuristic_specs, write_results
-from cache_core.tasks import TaskSuite
+from cache_core.bench.benchmark import evaluate_policies, heuristic_specs, write_results
+from cache_core.bench.tasks import TaskSuite
 from cache_core.tokenizer import Tokenizer
 
 

@@ -130,15 +130,14 @@ def test_dual_cache_batch_logits_equal_rows_alone() -> None:
     """Stronger than tokens: the decoding-block logits of every step under dual_cache match row by row."""
     model = tiny_model(13, n_kv_heads=1)
     prompts = random_prompts([2, 9], 13)
-    from cache_core import make_policy
-    from cache_core.policy import StepContext
+    from cache_core import make_policy, run_step
 
     def run(ps):
         policy = make_policy("dual_cache")
         s = DecodingSession(model, ps, 8, 4, 8, trace_attention=False)
         out = []
         while not s.done:
-            out.append(s.step(policy.plan(None, StepContext.of(s))).logits)
+            out.append(run_step(policy, s).logits)
         return out
 
     batched = run(prompts)
@@ -267,13 +266,12 @@ def test_refresh_all_session_is_deterministic_and_completes() -> None:
 
 def test_committed_tokens_are_never_remasked_or_changed() -> None:
     s = make_session(steps=8)
-    from cache_core import make_policy
-    from cache_core.policy import StepContext
+    from cache_core import make_policy, run_step
 
     policy = make_policy("dual_cache")
     previous = s.generated.clone()
     while not s.done:
-        r = s.step(policy.plan(None, StepContext.of(s)))
+        r = run_step(policy, s)
         now = s.generated
         was = previous != MASK_ID
         assert torch.equal(now[was], previous[was])
@@ -285,27 +283,28 @@ def test_committed_tokens_are_never_remasked_or_changed() -> None:
 def test_packed_rows_compute_what_padded_rows_do(policy: str, monkeypatch) -> None:
     """Rows that refresh different numbers of positions are packed for the per-position layers (model.rowwise); the
     logits and caches are those of the padded computation."""
-    import cache_core.model as model_module
-    from cache_core import make_policy
-    from cache_core.policy import StepContext
+    import cache_core.models.base as base
+    import cache_core.models.llada as llada
+    from cache_core import make_policy, run_step
 
     model = tiny_model(14, n_kv_heads=2)
     prompts = random_prompts([3, 10, 6, 1], 14)
     packed_calls = []
-    rowwise = model_module.rowwise
+    rowwise = llada.rowwise
 
     def spy(fn, inputs, real):
         packed_calls.append(real is not None)
         return rowwise(fn, inputs, real)
 
     def run(pack_below: float):
-        monkeypatch.setattr(model_module, "PACK_BELOW", pack_below)
-        monkeypatch.setattr(model_module, "rowwise", spy)
+        monkeypatch.setattr(base, "PACK_BELOW", pack_below)
+        monkeypatch.setattr(llada, "rowwise", spy)
         pol = make_policy(policy)
         s = DecodingSession(model, prompts, 12, 4, 6)
+        pol.reset(s.batch_size)
         logits = []
         while not s.done:
-            logits.append(s.step(pol.plan(s.features() if pol.uses_features else None, StepContext.of(s))).logits)
+            logits.append(run_step(pol, s).logits)
         return logits, s.canvas, [k.clone() for k in s.cache.keys], [v.clone() for v in s.cache.values]
 
     padded = run(0.0)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import compose_cfg
+from omegaconf import OmegaConf
 
 from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID
 from envs.block_reuse_env import BlockReuseEnv
@@ -31,10 +33,17 @@ BEHAVIOUR = {
 
 
 def settings(tmp_path, **overrides):
+    """The collect group of conf/collect/default.yaml with these settings (behaviour replaced as a whole), checked as
+    `python train.py` checks it."""
     s = {"episodes": 5, "shard_size": 12, "output_dir": str(tmp_path / "shards"), "seed": 0, "progress_bar": False,
-         "behaviour": BEHAVIOUR}
-    s.update(overrides)
-    return s
+         "behaviour": BEHAVIOUR, **overrides}
+    cfg = compose_cfg(tmp_path, as_dict=True)
+    behaviour = OmegaConf.merge(cfg.collect.behaviour, {"policies": []}, s.pop("behaviour"))
+    cfg.collect = OmegaConf.merge(cfg.collect, s)
+    cfg.collect.behaviour = behaviour
+    from policies.config import typed
+
+    return typed(cfg).collect
 
 
 @pytest.fixture(scope="module")
@@ -180,58 +189,44 @@ def test_corrupt_directories(collected, tmp_path, damage):
 def test_writer_refuses_existing_directory(collected):
     env, _, directory = collected
     with pytest.raises(FileExistsError, match="overwrite"):
-        collect(env, {"episodes": 1, "output_dir": str(directory), "progress_bar": False, "behaviour": BEHAVIOUR})
+        collect(env, settings(directory.parent, episodes=1, output_dir=str(directory)))
 
 
 @pytest.mark.parametrize("behaviour,match", [
-    ({"random_prob": 1.5, "policies": []}, "random_prob"),
-    ({"random_scope": "block", "policies": [{"name": "full"}]}, "random_scope"),
+    ({"random_prob": 1.5, "policies": []}, r"collect.behaviour.random_prob=1.5 must be <= 1"),
+    ({"random_scope": "block", "policies": [{"name": "full"}]}, r"collect.behaviour.random_scope='block'"),
     ({"random_prob": 0.1, "policies": []}, "empty"),
     ({"policies": [{"name": "no_such_policy"}]}, "unknown policy"),
     ({"policies": [{"name": "full", "values": [1]}]}, "no knob"),
     ({"policies": [{"name": "dual_cache", "values": [0]}]}, "refresh_interval"),
-    ({"policies": [{"name": "full", "colour": "red"}]}, "unknown keys"),
+    ({"policies": [{"name": "full", "colour": "red"}]}, "colour"),
+    ({"policies": [{"name": "full", "weight": -1.0}]}, r"collect.behaviour.policies\[0\].weight=-1.0 must be >= 0"),
 ])
-def test_bad_behaviour(behaviour, match):
+def test_bad_behaviour(tmp_path, behaviour, match):
     env = BlockReuseEnv(**tiny_env_kwargs())
-    with pytest.raises(ValueError, match=match):
-        BehaviourPolicy(behaviour, env, seed=0)
+    with pytest.raises((ValueError, KeyError), match=match):
+        BehaviourPolicy(settings(tmp_path, behaviour=behaviour).behaviour, env, seed=0)
 
 
 # --- the Hydra entry point -----------------------------------------------------------------------------------------
 
 def test_run_from_hydra_config(tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from envs import collect as collect_module
 
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
-    overrides = [f"env.model_path={ckpt}", "generation.gen_length=32", "generation.steps=4"]
-    collect_overrides = ["collect.episodes=2", "collect.n_prompts=2", "collect.shard_size=3",
-                         f"collect.output_dir={tmp_path / 'out'}", "collect.progress_bar=false",
-                         "collect.num_threads=1"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        try:
-            cfg = compose("config", overrides=overrides + collect_overrides)
-        except Exception:  # conf/config.yaml does not list the collect group yet: add it from conf/collect/
-            cfg = compose("config", overrides=overrides + ["+collect=default"] + collect_overrides)
+    cfg = compose_cfg(tmp_path, f"paths.model={ckpt}", "generation.gen_length=32", "generation.steps=4",
+                      "collect.episodes=2", "collect.n_prompts=2", "collect.shard_size=3", "collect.progress_bar=false")
     result = collect_module.run(cfg)
+    assert Path(result["output_dir"]) == tmp_path / "out" / "shards"  # in the run directory
     assert result["episodes"] == 2 and result["rows"] == 8 and result["shards"] == 3
     manifest = read_manifest(result["output_dir"])
     assert manifest["split"] == "train" and manifest["env"]["prompts"]["source"] == "TaskSuitePromptSet"
     assert load_shards(result["output_dir"])["blocks"].shape[1] == manifest["max_blocks"]
 
 
-def test_collect_config_composes_and_missing_group_is_named():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from envs.collect import collect_config
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["mode=collect", "seed=3"])
-    ccfg = collect_config(cfg)
-    assert ccfg.split == "train" and ccfg.seed == 3
-    assert {p["name"] for p in ccfg.behaviour.policies} >= {"dual_cache", "oracle", "elastic_cache"}
-    with pytest.raises(KeyError, match="no 'collect' group"):
-        collect_config(OmegaConf.create({"seed": 3, "env": {}}))
+def test_collect_config_composes_from_the_real_yaml(tmp_path):
+    cfg = compose_cfg(tmp_path, "mode=collect", "seed=3")
+    assert cfg.collect.split == "train" and cfg.collect.seed == 3  # collect.seed follows the root seed
+    assert {p.name for p in cfg.collect.behaviour.policies} >= {"dual_cache", "oracle", "elastic_cache"}
+    with pytest.raises(ValueError, match=r"collect.episodes=0 must be >= 1"):
+        compose_cfg(tmp_path, "collect.episodes=0")

@@ -1,38 +1,102 @@
-"""The Hydra configs compose, and the inference engine stays free of training frameworks."""
+"""The Hydra configs compose and are typed, train.py explains itself, and the engine stays free of frameworks."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose_cfg
+from hydra.errors import ConfigCompositionException
+
+import train
+from policies.config import SCHEMAS, RootConfig, compose
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINE_MODULES = ["cache_core", "cache_core.actions", "cache_core.accounting", "cache_core.cache",
+                  "cache_core.checkpoint", "cache_core.features", "cache_core.generate", "cache_core.heuristics",
+                  "cache_core.learned", "cache_core.models", "cache_core.models.base", "cache_core.models.llada",
+                  "cache_core.oracle", "cache_core.policy", "cache_core.registry", "cache_core.runtime",
+                  "cache_core.session", "cache_core.tokenizer", "cache_core.validate"]
+FRAMEWORKS = ("lightning", "pytorch_lightning", "stable_baselines3", "wandb", "hydra", "omegaconf", "matplotlib")
 
 
-def test_cache_core_imports_no_training_framework():
-    code = (
-        "import sys, cache_core, cache_core.generate, cache_core.learned, cache_core.benchmark;"
-        "bad = [m for m in ('lightning', 'pytorch_lightning', 'stable_baselines3', 'wandb') if m in sys.modules];"
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
+def test_the_engine_imports_no_training_tracking_or_config_framework():
+    code = (f"import importlib, sys; [importlib.import_module(m) for m in {ENGINE_MODULES!r}];"
+            f"bad = [m for m in {FRAMEWORKS!r} if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
+    # and every engine module was listed: a new engine file joins this check
+    listed = {m.rsplit(".", 1)[-1] for m in ENGINE_MODULES}
+    on_disk = {p.stem for folder in ("cache_core", "cache_core/models") for p in (ROOT / folder).glob("*.py")}
+    assert on_disk - {"__init__"} <= listed | {"__init__"}, on_disk - listed
 
 
-@pytest.mark.parametrize("mode", ["main", "pretrain", "benchmark", "collect", "supervised", "rl", "export", "evaluate"])
-def test_config_composes_for_every_mode(mode):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"mode={mode}"])
-    assert cfg.mode == mode
+@pytest.mark.parametrize("mode", ["main", *train.MODES])
+def test_config_composes_and_types_for_every_mode(tmp_path, mode):
+    cfg = compose_cfg(tmp_path, f"mode={mode}")
+    assert isinstance(cfg, RootConfig) and cfg.mode == mode
     assert cfg.generation.gen_length % cfg.generation.block_length == 0
-    assert {"model", "task", "generation", "benchmark"} <= set(cfg)
+    for group, schema in SCHEMAS.items():
+        assert isinstance(getattr(cfg, group), schema), group
+    assert Path(cfg.paths.root) == ROOT  # the repository, whatever the working directory
 
 
-def test_unknown_mode_is_refused():
-    import train
+@pytest.mark.parametrize("override, message", [
+    ("evaluate.n_examples=-3", "evaluate.n_examples=-3 must be >= 1"),
+    ("env.w_kl=nan", "env.w_kl=nan must be finite"),
+    ("rl.n_envs=0", "rl.n_envs=0 must be >= 1"),
+    ("threads=0", "threads=0 must be >= 1"),
+    ("generation.steps=5", "generation: steps=5 must be a positive multiple"),
+    ("policy.action_mode=ternary", "policy.action_mode='ternary'"),
+    ("task.tasks=[repeat,nope]", "task.tasks='nope'"),
+    ("benchmark.batch_sizes=[]", "benchmark.batch_sizes must not be empty"),
+])
+def test_a_bad_value_names_its_key(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        compose_cfg(tmp_path, override)
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["mode=nope"])
+
+def test_a_bad_type_names_its_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["evaluate.n_examples=abc"])
+    assert "evaluate.n_examples" in str(err.value) + str(err.value.__cause__)
+
+
+def test_groups_are_required_with_their_defaults_in_yaml():
+    """Every group is in the defaults list (no `optional`), and its YAML extends the group's typed schema."""
+    defaults = (ROOT / "conf" / "config.yaml").read_text()
+    assert "optional" not in defaults
+    for group in SCHEMAS:
+        files = list((ROOT / "conf" / group).glob("*.yaml"))
+        assert files, group
+        assert any("- schema" in f.read_text() for f in files), f"conf/{group}/ does not extend its schema"
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    cfg = compose_cfg(tmp_path, "mode=nope")
     with pytest.raises(ValueError, match="unknown mode 'nope'"):
         train.run_mode(cfg.mode, cfg)
+
+
+def test_help_lists_every_mode():
+    result = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for mode in ["main", *train.MODES]:
+        assert any(line.strip().startswith(mode + " ") for line in lines), f"--help does not list mode {mode}"
+
+
+def test_train_py_refuses_a_bad_value_before_any_job(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "mode=evaluate", "evaluate.n_examples=-3",
+                             f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0
+    assert "evaluate.n_examples=-3 must be >= 1" in result.stderr
+
+
+def test_tracked_files_speak_only_of_what_a_clone_contains():
+    """No code, test, config or README points at the developers' shared folder, which a user's clone lacks."""
+    files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    needles = ("../" + "shared", "shared/" + "REFERENCE", "shared/" + "DESIGN")  # split: this file must not match
+    offenders = [f for f in files if (ROOT / f).suffix in (".py", ".md", ".yaml", ".toml", "") and (ROOT / f).is_file()
+                 and any(n in (ROOT / f).read_text(errors="ignore") for n in needles)]
+    assert not offenders, offenders

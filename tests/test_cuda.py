@@ -53,8 +53,8 @@ def test_learned_policy_on_cuda(models) -> None:
 def test_pretrain_on_gpu(tmp_path) -> None:
     from test_pretrain import TINY
 
+    from cache_core.bench.pretrain import run, standalone_config
     from cache_core.checkpoint import load_model
-    from cache_core.pretrain import run, standalone_config
 
     cfg = standalone_config([f"model.{k}={v}" for k, v in TINY.items()] + [
         "pretrain.accelerator=gpu", "pretrain.steps=4", "pretrain.batch_size=4", "pretrain.warmup_steps=2",

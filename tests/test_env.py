@@ -9,11 +9,15 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from helpers import compose_cfg
 
 import envs  # noqa: F401  (registers the id)
+from cache_core.actions import oracle_start_layer
 from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES
 from cache_core.generate import generate
-from cache_core.policy import OraclePolicy, StepContext, make_policy, oracle_start_layer
+from cache_core.oracle import OraclePolicy
+from cache_core.policy import StepContext
+from cache_core.registry import make_policy
 from envs.block_reuse_env import ENV_ID, BlockReuseEnv, labels_to_action
 from envs.testing import EOS_ID, random_pairs, save_tiny_checkpoint, tiny_env_kwargs, tiny_model
 
@@ -321,12 +325,15 @@ def test_stateful_and_token_level_policies_run():
     ({"budget": 1.5}, r"\(0, 1\]"),
     ({"budget": [0.8, 0.2]}, "low > high"),
     ({"budget": [0.1, 0.2, 0.3]}, "two values"),
-    ({"block_length": 5}, "divide gen_length"),
+    ({"block_length": 5}, "env.block_length=5 must divide env.gen_length=16"),
     ({"max_prompt_length": 18}, "multiple of block_length"),
     ({"max_prompt_length": 8}, "max_prompt_length"),
     ({"prompts": []}, "empty"),
     ({"prompts": [([], [3])]}, "at least one token"),
-    ({"shadow": False}, "w_kl and w_flip"),
+    ({"shadow": False}, "env.w_kl and env.w_flip must be 0"),
+    ({"w_kl": float("nan")}, "env.w_kl=nan must be finite"),
+    ({"n_prompts": "3"}, "env.n_prompts='3' must be an integer"),
+    ({"num_threads": 1}, r"unknown env settings \['num_threads'\]"),
     ({"steps": 3}, "multiple"),
     ({"prompts": [[3, 4, 5]]}, "w_exact"),
     ({"gen_length": 200, "max_prompt_length": 16, "block_length": 8, "steps": 25}, "max_sequence_length|multiple"),
@@ -351,38 +358,60 @@ def tiny_checkpoint(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+def test_env_from_the_composed_config(tmp_path, tiny_checkpoint):
+    """The env group of the real YAML, typed (envs.config.EnvConfig), builds the env the jobs use."""
+    from dataclasses import replace
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
-
-
-def test_hydra_instantiate_on_task_suite(tiny_checkpoint):
-    from hydra.utils import instantiate
-
-    cfg = compose([f"env.model_path={tiny_checkpoint}", "env.n_prompts=3", "generation.gen_length=32",
-                   "generation.steps=4", "env.action_mode=depth"])
-    env = instantiate(cfg.env, _convert_="all")
-    assert isinstance(env, BlockReuseEnv) and env.prompts.split == "train" and len(env.prompts) == 3
+    cfg = compose_cfg(tmp_path, f"paths.model={tiny_checkpoint}", "env.n_prompts=3", "generation.gen_length=32",
+                      "generation.steps=4", "env.action_mode=depth")
+    env = BlockReuseEnv(config=cfg.env)
+    assert env.prompts.split == "train" and len(env.prompts) == 3 and env.config.model_path == str(tiny_checkpoint)
     assert env.max_blocks == (cfg.env.max_prompt_length + 32) // cfg.generation.block_length
     trace = run_episode(env, 0)
     final = trace[-1][4]
     assert final["exact_match"] in (0.0, 1.0) and len(trace) == 5
-    test_env = instantiate(cfg.env, _convert_="all", split="test", n_prompts=2)
+    test_env = BlockReuseEnv(config=replace(cfg.env, split="test", n_prompts=2))
     assert test_env.prompts.split == "test"
     assert test_env.prompts[0].prompt_ids != env.prompts[0].prompt_ids
+    with pytest.raises(ValueError, match="either config= or keyword settings"):
+        BlockReuseEnv(config=cfg.env, n_prompts=2)
 
 
 def test_gym_make_from_checkpoint_path(tiny_checkpoint):
     env = gym.make(ENV_ID, model_path=str(tiny_checkpoint), split="validation", n_prompts=2, gen_length=32, steps=4)
     obs, _ = env.reset(seed=0)
     assert obs["block_mask"].sum() >= 8  # task prompts are 100+ tokens: 8+ prompt blocks of 16
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="env.n_prompts=0 must be >= 1"):
         BlockReuseEnv(model_path=str(tiny_checkpoint), n_prompts=0)
     with pytest.raises(ValueError, match="pretrain"):
         BlockReuseEnv(model_path=str(tiny_checkpoint.parent / "missing"))
+
+
+def test_gym_make_with_the_id_alone_runs_the_builtin_model():
+    env = gym.make(ENV_ID)
+    obs, info = env.reset(seed=0)
+    assert env.unwrapped.config.model_path.endswith("checkpoints/builtin") and info["task"] in ("repeat", "succ",
+                                                                                               "runsum")
+    assert env.observation_space.contains(obs)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert np.isfinite(reward) and info["oracle_drift"].shape == (env.unwrapped.max_blocks, 4)
+
+
+@pytest.mark.parametrize("action_mode, bad", [
+    ("binary", 2), ("binary", -1), ("binary", float("nan")), ("binary", 0.5), ("depth", 3), ("depth", -1),
+])
+def test_actions_outside_the_space_are_refused(action_mode, bad):
+    env = BlockReuseEnv(**tiny_env_kwargs(action_mode=action_mode))
+    env.reset(seed=0)
+    action = np.zeros(env.max_blocks, dtype=np.float64 if isinstance(bad, float) else np.int64)
+    action[-1] = bad
+    assert not env.action_space.contains(action.astype(env.action_space.dtype)) or isinstance(bad, float)
+    with pytest.raises(ValueError, match=f"{action_mode} actions must"):
+        env.step(action)
+    with pytest.raises(ValueError, match="action has shape"):
+        env.step(np.zeros(env.max_blocks + 1, dtype=np.int64))
+    assert env.session.step_index == 0  # nothing ran
+    env.step(np.ones(env.max_blocks, dtype=np.int64))  # a valid action still works
 
 
 # --- vector envs -------------------------------------------------------------------------------------------------
@@ -410,7 +439,7 @@ def test_sb3_subproc_vec_env():
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_gym_make_vec(mode):
-    vec = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode=mode, **tiny_env_kwargs(num_threads=1))
+    vec = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode=mode, **tiny_env_kwargs())
     try:
         obs, _ = vec.reset(seed=0)
         assert obs["blocks"].shape == (2, 8, N_BLOCK_FEATURES)

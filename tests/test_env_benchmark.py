@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from helpers import compose_cfg
+from hydra.errors import ConfigCompositionException
 
 from envs import benchmark
 from envs.block_reuse_env import BlockReuseEnv
@@ -36,20 +37,20 @@ def test_single_env_rate_and_overhead():
         "vec_env": {"n_envs": 2, "steps_per_s": 1.0, "startup_s": 1.0}})
 
 
-def test_unknown_setting_is_refused():
-    cfg = OmegaConf.create({"env_benchmark": {"n_env": 2}})
-    with pytest.raises(ValueError, match="n_envs"):
-        benchmark._settings(cfg)
+def test_unknown_or_bad_setting_is_refused(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(tmp_path, "env_benchmark.n_env=2")
+    assert "n_env" in str(err.value) + str(err.value.__cause__)
+    with pytest.raises(ValueError, match=r"env_benchmark.n_envs=0 must be >= 1"):
+        compose_cfg(tmp_path, "env_benchmark.n_envs=0")
 
 
 @pytest.mark.slow
 def test_full_benchmark_mode(tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
-    cfg = OmegaConf.create({
-        "env": {"_target_": "envs.block_reuse_env.BlockReuseEnv", "model_path": str(ckpt), "gen_length": 32,
-                "block_length": 16, "steps": 4, "max_prompt_length": 160},
-        "env_benchmark": {"single_steps": 8, "vec_steps": 4, "n_prompts": 2, "output": str(tmp_path / "b.json")},
-    })
+    cfg = compose_cfg(tmp_path, f"paths.model={ckpt}", "generation.gen_length=32", "generation.steps=4",
+                      "env_benchmark.single_steps=8", "env_benchmark.vec_steps=4", "env_benchmark.n_prompts=2",
+                      f"env_benchmark.output={tmp_path / 'b.json'}")
     result = benchmark.run(cfg)
     saved = json.loads(Path(tmp_path / "b.json").read_text())
     assert saved["vec_env"]["n_envs"] == 2 and result["overhead"]["tokens_match_generate"] == "2/2"

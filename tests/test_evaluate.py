@@ -1,5 +1,5 @@
 """The evaluation job: heuristics, oracle and every listed learned policy file on the test split, written as JSON,
-table and Pareto plot by cache_core.benchmark; files that do not exist yet are skipped."""
+table and Pareto plot by cache_core.bench.benchmark; files that do not exist yet are skipped."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_predictor import compose_cfg
+from helpers import compose_cfg
 
-from cache_core.benchmark import Row
+from cache_core.bench.benchmark import Row
 from cache_core.features import GLOBAL_FEATURE_NAMES, N_BLOCK_FEATURES, StepFeatures
 from cache_core.learned import LearnedPolicy
 from envs.testing import save_tiny_checkpoint
+from policies.config import LearnedEntry
 from policies.evaluate import BudgetedPolicy, learned_specs, run, summarize
 from policies.export import export_onnx
 from policies.predictor import BlockPredictor
@@ -37,17 +38,17 @@ def files(tmp_path_factory):
 
 
 def test_learned_specs(files):
-    entries = [{"name": "predictor", "path": str(files / "predictor.onnx")},
-               {"name": "rl_agent", "path": str(files / "rl_agent.onnx")},
-               {"name": "budgeted", "path": str(files / "budgeted.onnx")},
-               {"name": "later", "path": str(files / "not_yet.onnx")}]
+    entries = [LearnedEntry("predictor", str(files / "predictor.onnx")),
+               LearnedEntry("rl_agent", str(files / "rl_agent.onnx")),
+               LearnedEntry("budgeted", str(files / "budgeted.onnx")),
+               LearnedEntry("later", str(files / "not_yet.onnx"))]
     specs = learned_specs(entries, thresholds=[0.2, 0.8], budgets=[0.3, 0.6])
     assert [s.label for s in specs] == [
         "predictor(refresh_threshold=0.2)", "predictor(refresh_threshold=0.8)", "rl_agent",
         "budgeted(budget=0.3)", "budgeted(budget=0.6)"]
     assert specs[1].build().refresh_threshold == 0.8 and isinstance(specs[3].build(), BudgetedPolicy)
     with pytest.raises(FileNotFoundError, match="mode=export"):
-        learned_specs([{"name": "later", "path": str(files / "not_yet.onnx"), "required": True}])
+        learned_specs([LearnedEntry("later", str(files / "not_yet.onnx"), required=True)])
 
 
 def test_budgeted_policy_sets_the_budget_feature(files):
@@ -90,7 +91,7 @@ def test_evaluate_run_writes_table_json_and_plot(tmp_path, files):
                f"{{name: later, path: '{tmp_path / 'missing.onnx'}'}}]")
     cfg = compose_cfg(tmp_path, f"paths.model={model}", *TINY_GEN, "evaluate.n_examples=2", "evaluate.batch_sizes=[2]",
                       "evaluate.heuristics=[never,dual_cache]", "evaluate.thresholds=[0.5]", "evaluate.progress=false",
-                      "evaluate.threads=1", learned)
+                      learned)
     out = run(cfg)
     data = json.loads(Path(out["json"]).read_text())
     families = {r["family"] for r in data["rows"]}
@@ -102,23 +103,37 @@ def test_evaluate_run_writes_table_json_and_plot(tmp_path, files):
         run(compose_cfg(tmp_path, f"paths.model={tmp_path / 'none'}"))
 
 
-@pytest.mark.slow
-def test_main_pipeline_on_a_tiny_model(tmp_path):
-    """`python train.py` = collect -> supervised -> export -> evaluate, end to end on a tiny random checkpoint."""
+def test_main_job_writes_only_into_its_run_directory(tmp_path):
+    """`python train.py` = collect -> supervised (+ export into the run dir) -> evaluate, end to end on a tiny random
+    checkpoint: every file lands in the run directory, the tracked tree is untouched, and the evaluate table compares
+    the run's fresh predictor with the shipped policies."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True,
+                            text=True).stdout
     model = save_tiny_checkpoint(tmp_path / "tiny")
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path / 'run'}", f"paths.model={model}", *TINY_GEN,
+    run_dir = tmp_path / "run"
+    shipped = root / "checkpoints" / "policies"
+    before = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()}
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"paths.model={model}", *TINY_GEN,
            "collect.episodes=6", "collect.n_prompts=6", "collect.progress_bar=false", "env.w_agree=0",
-           "trainer.max_epochs=2", "trainer.enable_progress_bar=false", f"policy.checkpoint_dir={tmp_path / 'ckpt'}",
-           f"policy.export.path={tmp_path / 'shipped' / 'predictor'}", "policy.generation_check.n_prompts=2",
+           "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "policy.generation_check.n_prompts=2",
            "evaluate.n_examples=2", "evaluate.batch_sizes=[2]", "evaluate.heuristics=[dual_cache]",
-           "evaluate.thresholds=[0.5]", "evaluate.progress=false", "logger=none"]
+           "evaluate.include_oracle=false", "evaluate.thresholds=[0.5]", "evaluate.budgets=[0.3]",
+           "evaluate.progress=false", "logger=none", "threads=1",
+           # the shipped files are for the built-in model; the tiny model's run compares with tiny stand-ins
+           f"evaluate.learned=[{{name: fresh_predictor, path: '{run_dir / 'predictor.onnx'}'}}]"]
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "plot: " in result.stdout and "predictor(refresh_threshold=0.5)" in result.stdout
-    assert (tmp_path / "shipped" / "predictor.onnx").is_file()
-    rows = json.loads((tmp_path / "run" / "evaluate.json").read_text())["rows"]
-    assert {"full", "dual_cache", "oracle", "predictor"} == {r["family"] for r in rows}
+    assert "plot: " in result.stdout and str(run_dir) in result.stdout
+    for name in ("predictor.onnx", "predictor.json", "predictor.safetensors", "evaluate.json", "evaluate_pareto.png",
+                 "shards/manifest.json", "checkpoints/best.ckpt"):
+        assert (run_dir / name).is_file(), name
+    rows = json.loads((run_dir / "evaluate.json").read_text())["rows"]
+    assert {"full", "dual_cache", "fresh_predictor"} == {r["family"] for r in rows}
+    assert {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} == before  # shipped policies untouched
+    after = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True,
+                           text=True).stdout
+    assert after == status, "the main job changed the working tree"

@@ -156,31 +156,48 @@ def test_inconsistent_exports_are_refused(tmp_path):
     assert policy_paths("x/p.onnx") == (Path("x/p.onnx"), Path("x/p.json"))
 
 
-def test_export_mode_from_supervised_checkpoint(tmp_path):
-    from test_predictor import compose_cfg
+def test_export_mode_ships_a_checkpoint_or_an_exported_file_to_an_explicit_path(tmp_path):
+    from helpers import compose_cfg
 
     from policies import export, supervised
     from policies.data import write_synthetic_shards
+    from policies.predictor import read_predictor
 
     write_synthetic_shards(tmp_path / "shards", episodes=8, steps=6)
+    with pytest.raises(ValueError, match="export.source=.*export.path="):
+        export.run(compose_cfg(tmp_path, "mode=export"))  # nothing is shipped anywhere by default
     with pytest.raises(FileNotFoundError, match="mode=supervised"):
-        export.run(compose_cfg(tmp_path))
-    trained = supervised.run(compose_cfg(tmp_path, "trainer.max_epochs=2", "policy.log_export=false"))
-    out = export.run(compose_cfg(tmp_path, "policy.export.threshold=0.3"))
+        export.run(compose_cfg(tmp_path, f"export.source={tmp_path / 'none.ckpt'}", f"export.path={tmp_path / 'p'}"))
+    trained = supervised.run(compose_cfg(tmp_path, "trainer.max_epochs=2"))
+    assert Path(trained["exported"]) == tmp_path / "out" / "predictor.onnx"  # the run's own export, in its run dir
+    ship = tmp_path / "shipped" / "predictor"
+    out = export.run(compose_cfg(tmp_path, f"export.source={trained['best_ckpt']}", f"export.path={ship}",
+                                 "export.threshold=0.3"))
     manifest = json.loads(Path(out["manifest"]).read_text())
-    assert out["checkpoint"] == trained["best_ckpt"] and manifest["threshold"] == 0.3
+    assert out["source"] == trained["best_ckpt"] and out["onnx"] == str(ship) + ".onnx" and manifest["threshold"] == 0.3
     assert manifest["source"]["kind"] == "supervised" and "val/ap" in manifest["metrics"]
     assert LearnedPolicy(out["onnx"]).refresh_threshold == 0.3
     # the weights for an RL warm start: the trained network's tensors, its config and training threshold
-    from policies.rl import load_predictor_checkpoint
-
-    tensors, meta = load_predictor_checkpoint(out["weights"])
+    tensors, meta = read_predictor(out["weights"])
     state = torch.load(trained["best_ckpt"], map_location="cpu", weights_only=True)["state_dict"]
     assert tensors.keys() == {k[len("net."):] for k in state if k.startswith("net.")}
     assert all(torch.equal(v, state[f"net.{k}"]) for k, v in tensors.items())
     assert meta["threshold"] == 0.5 and meta["action_mode"] == "binary" and meta["net_config"]["arch"] == "mlp"
-    last = export.run(compose_cfg(tmp_path, "policy.export.checkpoint=last"))
-    assert last["checkpoint"].endswith("last.ckpt")
+    # an exported file of a run (here the supervised run's own) is checked and copied as it is
+    copied = export.run(compose_cfg(tmp_path, f"export.source={trained['exported']}",
+                                    f"export.path={tmp_path / 'again' / 'p'}"))
+    assert Path(copied["onnx"]).read_bytes() == Path(trained["exported"]).read_bytes()
+    assert Path(copied["weights"]).is_file()
+    with pytest.raises(ValueError, match="shipped as it is"):
+        export.run(compose_cfg(tmp_path, f"export.source={trained['exported']}", f"export.path={tmp_path / 'x'}",
+                               "export.threshold=0.2"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "p.onnx").write_bytes(b"not onnx")
+    (broken / "p.json").write_text(Path(trained["exported"]).with_suffix(".json").read_text())
+    with pytest.raises(PolicyFileError, match="corrupt"):
+        export.run(compose_cfg(tmp_path, f"export.source={broken / 'p.onnx'}", f"export.path={tmp_path / 'y'}"))
+    assert not (tmp_path / "y.onnx").exists()
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "policies"
@@ -190,12 +207,12 @@ def test_shipped_policies_load_and_the_weights_match_the_graph():
     """What ships in checkpoints/policies: both files load under this feature schema, and the predictor's
     .safetensors (the RL warm start) is the network its .onnx runs."""
     from policies.export import _random_features
-    from policies.rl import load_predictor_checkpoint
+    from policies.predictor import read_predictor
 
     for name in ("predictor", "rl_agent"):
         policy = LearnedPolicy(SHIPPED / f"{name}.onnx")
         assert policy.manifest["schema_id"] == SCHEMA_ID
-    tensors, meta = load_predictor_checkpoint(SHIPPED / "predictor.safetensors")
+    tensors, meta = read_predictor(SHIPPED / "predictor.safetensors")
     net = BlockPredictor(**meta["net_config"]).eval()
     net.load_state_dict(tensors)
     x = _random_features(4, 7, seed=3)

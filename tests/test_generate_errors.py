@@ -17,7 +17,7 @@ from cache_core.features import (
     compute_features,
     schema_table,
 )
-from cache_core.policy import StepContext
+from cache_core.policy import decide
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,8 @@ def test_features_stay_in_declared_ranges(policy: str, seed: int) -> None:
         feats = compute_features(session, budget)
         check_features(feats, 3, session.n_blocks)
         assert torch.equal(feats.blocks, session.features(budget).blocks)
-        session.step(pol.plan(feats, StepContext.of(session, budget)))
+        plan, ctx = decide(pol, session, budget, features=feats)
+        pol.on_step_end(ctx, session.step(plan))
     check_features(compute_features(session), 3, session.n_blocks)  # and once the generation is complete
 
 

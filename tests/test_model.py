@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import EMBEDDING, MASK_ID, VOCAB, model_state, reference_logits, tiny_config, tiny_model
 
-from cache_core.model import LLaDAModel, ModelConfig
+from cache_core.models import LLaDAModel, ModelConfig
 
 ATOL = 1e-5
 RTOL = 1e-5

@@ -9,8 +9,8 @@ import torch
 from helpers import MASK_ID, random_prompts, tiny_model
 
 from cache_core import DecodingSession, OraclePolicy, ReusePolicy, generate, make_policy, policy_registry
-from cache_core.accounting import full_step_flops, head_flops, layer_flops, step_flops
-from cache_core.policy import StepContext
+from cache_core.accounting import full_step_flops, step_flops
+from cache_core.policy import decide
 
 GEN, BLOCK, STEPS = 16, 8, 16
 LENGTHS = {1: [6], 3: [6, 13, 2]}
@@ -58,7 +58,7 @@ def test_policy_accounting(runs, model, name: str, batch: int) -> None:
         assert rec.step == i
         assert rec.decoding_block == i // (STEPS // (GEN // BLOCK))
         assert rec.flops > 0 and rec.full_flops > 0
-        assert rec.full_flops == full_step_flops(model.config, n_keys, BLOCK)
+        assert rec.full_flops == full_step_flops(model, n_keys, BLOCK)
         assert rec.positions_x_layers > 0
         assert rec.positions_x_layers <= model.config.n_layers * int(n_keys.sum())
         assert rec.cache_bytes > 0
@@ -179,9 +179,9 @@ def test_dual_cache_step_flops_by_hand() -> None:
     # first step of the block refreshed everything: it costs what a full recompute costs
     assert result.stats.steps[0].flops == result.stats.steps[0].full_flops
     # the helpers agree with the hand count
-    assert step_flops(cfg, torch.tensor([[4, 4]] * L), torch.tensor(n_keys), block) == expected
-    assert layer_flops(cfg, 4, 13) == per_layer(4, 13)
-    assert head_flops(cfg, 8) == head
+    assert step_flops(model, torch.tensor([[4, 4]] * L), torch.tensor(n_keys), block) == expected
+    assert model.layer_flops(4, 13) == per_layer(4, 13)
+    assert model.head_flops(8) == head
 
 
 def test_dllm_cache_counts_its_probe(model) -> None:
@@ -192,7 +192,7 @@ def test_dllm_cache_counts_its_probe(model) -> None:
     # with rho = 0 no probe runs: every layer runs the same positions and the FLOPs are the layers' only
     for s in r.stats.steps:
         assert s.positions_x_layers % model.config.n_layers == 0
-        assert s.flops == step_flops(model.config, _counts(model, s), torch.tensor([6 + GEN]), BLOCK)
+        assert s.flops == step_flops(model, _counts(model, s), torch.tensor([6 + GEN]), BLOCK)
     # with rho > 0 the off-interval steps pay the value probe and the rho fraction on top
     assert probe.stats.flops > r.stats.flops
     assert all(p.flops == q.flops for p, q in zip(probe.stats.steps, r.stats.steps) if p.step % 4 == 0)
@@ -241,13 +241,12 @@ def test_elastic_cache_first_cached_step_is_the_same_in_every_block(model) -> No
     policy.reset(session.batch_size)
     first_cached = []
     while not session.done:
-        ctx = StepContext.of(session)
-        plan = policy.plan(None, ctx)
+        plan, ctx = decide(policy, session)
         if ctx.step_in_block == 0:
             assert bool((plan.start_layer == 0).all())  # a new block starts with a full refresh
         if ctx.step_in_block == 1:
             first_cached.append(plan.start_layer.tolist())
-        session.step(plan)
+        policy.on_step_end(ctx, session.step(plan))
     assert len(first_cached) == 3
     assert first_cached[1] == first_cached[0] and first_cached[2] == first_cached[0], first_cached
 

@@ -7,18 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose_cfg
 
+from cache_core.actions import oracle_actions
 from cache_core.features import BLOCK_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES
-from cache_core.policy import OraclePolicy
+from cache_core.oracle import OraclePolicy
 from policies.data import (
     BUDGET_COLUMN,
     IS_DECODING,
     ShardDataModule,
     budget_of_epsilon,
-    depth_labels,
     load_rows,
-    refresh_labels,
     split_groups,
     write_synthetic_shards,
 )
@@ -27,19 +26,6 @@ from policies.predictor import BlockPredictor
 ROOT = Path(__file__).resolve().parents[1]
 F = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
 VALID = BLOCK_FEATURE_NAMES.index("valid_fraction")
-
-
-def compose_cfg(tmp: Path, *overrides: str):
-    """The project config with every path under tmp, a quiet trainer, no W&B and no generation check."""
-    base = [
-        f"paths.root={ROOT}", f"paths.output={tmp / 'out'}", f"paths.model={tmp / 'no-model'}",
-        f"data.shards_dir={tmp / 'shards'}", f"policy.checkpoint_dir={tmp / 'ckpt'}",
-        f"policy.export.path={tmp / 'exported' / 'predictor'}", "logger=none", "trainer.max_epochs=3",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_threads=1",
-        "policy.generation_check.enabled=false", "data.batch_size=32", "policy.lr=1e-2",
-    ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*base, *overrides])
 
 
 def features(B: int = 3, nb: int = 6, seed: int = 0) -> torch.Tensor:
@@ -112,15 +98,15 @@ def test_labels_follow_the_oracle():
                           [0.01, 0.02, 0.03, 0.04],  # nothing over epsilon -> reuse
                           [0.0, 0.0, 0.0, 0.06],   # last layer only -> run from layer 2 = top 2 layers
                           [0.0, 0.07, 0.0, 0.0]])  # layer 1 -> run from layer 0
-    assert refresh_labels(drift, 0.05).tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
-    depth = depth_labels(drift, 0.05)
+    assert oracle_actions(drift, 0.05, "binary").tolist() == [1, 1, 0, 1, 1]
+    depth = oracle_actions(drift, 0.05, "depth")
     assert depth.tolist() == [3, 4, 0, 2, 4]
     # Read as cache_core.learned reads actions: start layer = n_layers - action, one below the first drifted layer.
     over = drift > 0.05
     first = torch.where(over.any(-1), over.float().argmax(-1), 4)
     assert (4 - depth).tolist() == [1, 0, 4, 2, 0] and ((4 - depth) <= first).all()
     # Per-row epsilons (budget conditioning).
-    assert refresh_labels(drift, torch.tensor([0.5, 0.4, 0.01, 0.1, 0.1])).tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+    assert oracle_actions(drift, torch.tensor([0.5, 0.4, 0.01, 0.1, 0.1]), "binary").tolist() == [0, 1, 1, 0, 0]
     assert OraclePolicy.knob == "epsilon"
 
 
@@ -185,9 +171,9 @@ def test_missing_shards_and_bad_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="mode=collect"):
         run(compose_cfg(tmp_path))
     write_synthetic_shards(tmp_path / "shards")
-    with pytest.raises(ValueError, match="unknown policy.arch='rnn'"):
+    with pytest.raises(ValueError, match="policy.arch='rnn'; choose one of"):
         run(compose_cfg(tmp_path, "policy.arch=rnn"))
-    with pytest.raises(ValueError, match="policy.epsilon=0.0 must be a positive"):
+    with pytest.raises(ValueError, match=r"policy.epsilon=0.0 must be > 0"):
         run(compose_cfg(tmp_path, "policy.epsilon=0.0"))
     with pytest.raises(ValueError, match="policy.action_mode"):
         run(compose_cfg(tmp_path, "policy.action_mode=ternary"))
@@ -207,11 +193,13 @@ def test_supervised_learns_checkpoints_and_resumes(tmp_path):
     ignored = [N_BLOCK_FEATURES + 3, N_BLOCK_FEATURES + 4]  # compute_spent (config) and budget (not conditioned)
     assert not ckpt["state_dict"]["net.embed.0.weight"][:, ignored].any()
     step = ckpt["global_step"]
-    resumed = run(compose_cfg(tmp_path, "trainer.max_epochs=6", "policy.resume=true"))
-    assert torch.load(resumed["last_ckpt"], weights_only=False)["global_step"] > step
-    assert torch.load(resumed["last_ckpt"], weights_only=False)["epoch"] == 5
-    with pytest.raises(FileNotFoundError, match="policy.ckpt_path"):
-        run(compose_cfg(tmp_path, f"policy.ckpt_path={tmp_path / 'nope.ckpt'}"))
+    earlier = tmp_path / "earlier.ckpt"  # the next run writes into the same run directory
+    earlier.write_bytes(Path(result["last_ckpt"]).read_bytes())
+    resumed = run(compose_cfg(tmp_path, "trainer.max_epochs=6", f"policy.resume={earlier}"))
+    assert torch.load(resumed["last_ckpt"], weights_only=True)["global_step"] > step
+    assert torch.load(resumed["last_ckpt"], weights_only=True)["epoch"] == 5
+    with pytest.raises(ValueError, match="policy.resume=.*nope.ckpt does not exist"):
+        run(compose_cfg(tmp_path, f"policy.resume={tmp_path / 'nope.ckpt'}"))
 
 
 @pytest.mark.parametrize("variant", ["transformer-depth", "budget"])
@@ -249,7 +237,7 @@ def test_ddp_relaunch_shares_the_hydra_run_dir(tmp_path):
     cmd = [sys.executable, "train.py", "mode=supervised", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.matmul_precision=null", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
            f"data.shards_dir={tmp_path / 'shards'}", f"policy.checkpoint_dir={tmp_path / 'ckpt'}",
-           "policy.generation_check.enabled=false", f"hydra.run.dir={run_dir}"]
+           "policy.generation_check.enabled=false", f"hydra.run.dir={run_dir}", "threads=1"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "ckpt" / "best.ckpt").is_file() and (run_dir / "predictor.onnx").is_file()

@@ -1,24 +1,21 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import compose_cfg
 
-from cache_core.checkpoint import load_model, load_tokenizer
-from cache_core.model import LLaDAModel, ModelConfig
-from cache_core.pretrain import (
+from cache_core.bench.pretrain import (
     answer_targets,
     collate,
-    decode_no_cache,
     diffusion_loss,
     left_pad,
     model_config_from,
     noise_mask,
     run,
-    standalone_config,
 )
-from cache_core.tasks import GEN_LENGTH, Example, TaskSuite
+from cache_core.bench.tasks import GEN_LENGTH, Example, TaskSuite
+from cache_core.checkpoint import load_model, load_tokenizer
+from cache_core.models import LLaDAModel, ModelConfig
 from cache_core.tokenizer import Tokenizer
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "mlp_hidden_size": 64}
@@ -94,23 +91,12 @@ def test_model_config_from_fills_tokenizer_ids():
         model_config_from({"vocab_size": 10, "mask_token_id": 1, **TINY}, tok)
 
 
-def test_private_decode_matches_generate():
-    generate = pytest.importorskip("cache_core.generate").generate
-    tok = Tokenizer()
-    torch.manual_seed(0)
-    model = LLaDAModel(ModelConfig(vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id, **TINY)).eval()
-    prompts = [tok.encode(e.prompt) for e in TaskSuite().split("test", 2)]
-    ours = decode_no_cache(model, prompts, tok.pad_token_id, steps=8)
-    theirs = generate(model, prompts, gen_length=GEN_LENGTH, block_length=16, steps=8).tokens
-    assert torch.equal(ours, theirs)
-
-
 def test_pretrain_smoke_run_writes_loadable_checkpoint(tmp_path):
-    cfg = standalone_config([f"model.{k}={v}" for k, v in TINY.items()] + [
-        "pretrain.steps=4", "pretrain.batch_size=4", "pretrain.warmup_steps=2", "pretrain.eval_every=2",
-        "pretrain.eval_examples=3", "pretrain.test_examples=3", "pretrain.eval_steps=4", "pretrain.log_every=1",
-        f"pretrain.output_dir={tmp_path}", "pretrain.name=tiny", "pretrain.max_minutes=5",
-    ])
+    cfg = compose_cfg(tmp_path, *[f"model.{k}={v}" for k, v in TINY.items()],
+                      "pretrain.steps=4", "pretrain.batch_size=4", "pretrain.warmup_steps=2", "pretrain.eval_every=2",
+                      "pretrain.eval_examples=3", "pretrain.test_examples=3", "pretrain.eval_steps=4",
+                      "pretrain.log_every=1", f"pretrain.output_dir={tmp_path}", "pretrain.name=tiny",
+                      "pretrain.max_minutes=5")
     result = run(cfg)
     out = tmp_path / "tiny"
     assert result["steps"] == 4
@@ -125,6 +111,22 @@ def test_pretrain_smoke_run_writes_loadable_checkpoint(tmp_path):
     assert result["checkpoint_bytes"] < 20e6
 
 
-def test_importing_cache_core_does_not_load_lightning():
-    code = "import sys, cache_core, cache_core.tasks, cache_core.tokenizer; assert 'lightning' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_pretraining_checks_decode_through_the_one_loop(monkeypatch):
+    """The pretraining evaluation has no decode loop of its own: it calls the engine's generate()."""
+    import cache_core.bench.pretrain as pretrain
+
+    calls = []
+    real = pretrain.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "generate", spy)
+    tok = Tokenizer()
+    torch.manual_seed(0)
+    model = LLaDAModel(ModelConfig(vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id, **TINY)).eval()
+    metrics = pretrain.evaluate(model, tok, TaskSuite().split("test", 3), steps=8, batch_size=2)
+    assert len(calls) == 2 and all(c["steps"] == 8 and c["gen_length"] == GEN_LENGTH for c in calls)
+    assert set(metrics) == {"repeat", "succ", "runsum", "all", "char_accuracy"}
+    assert not hasattr(pretrain, "decode_no_cache")

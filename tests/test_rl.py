@@ -4,21 +4,26 @@ resume, warm start, offline W&B, bad configs. Tiny models and a few hundred time
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import wandb_records
+from helpers import compose_cfg, wandb_records
+from omegaconf import OmegaConf
 
-from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID, StepFeatures
+from cache_core.bench.tracking import LoggerConfig
+from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID, StepFeatures, policy_input
 from cache_core.generate import generate
 from cache_core.learned import LearnedPolicy, read_manifest
 from envs.block_reuse_env import BlockReuseEnv
 from envs.testing import random_pairs, save_tiny_checkpoint, tiny_env_kwargs, tiny_model
-from policies.rl import load_agent, resolve_algo, train_agent, validate_settings
+from policies.config import RLConfig, typed
+from policies.predictor import read_predictor
+from policies.rl import load_agent, resolve_algo, train_agent
 from policies.rl_callbacks import provenance_path
-from policies.rl_policy import ExportedActor, PerBlockActorCriticPolicy, policy_input
+from policies.rl_policy import ExportedActor, PerBlockActorCriticPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 N_FEATURES = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
@@ -32,25 +37,28 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_settings(tmp_path: Path, **overrides) -> dict:
-    """A few-hundred-step PPO run on the tiny env, W&B off unless asked, export into tmp_path."""
-    s = {
-        "algo": "ppo", "total_timesteps": 128, "n_envs": 2, "vec_env": "dummy", "seed": 0, "torch_threads": 1,
-        "device": "cpu", "verbose": 0, "progress_bar": False, "log_formats": ["csv"],
+def tiny_rl(tmp_path: Path, **overrides) -> RLConfig:
+    """The rl group of conf/rl/ppo.yaml for a few-hundred-step PPO run on the tiny env (from scratch, export into
+    tmp_path), with `overrides` merged in (nested dicts merge key by key) and checked as `python train.py` checks."""
+    base = {
+        "total_timesteps": 128, "n_envs": 2, "vec_env": "dummy", "seed": 0, "verbose": 0, "progress_bar": False,
+        "log_formats": ["csv"], "warm_start": None,
         "policy": {"hidden": 16, "arch": "mlp", "net_arch": {"pi": [], "vf": [16]}},
         "hyperparams": {"learning_rate": 1e-3, "gamma": 0.99},
         "ppo": {"n_steps": 32, "batch_size": 32, "n_epochs": 2},
         "eval": {"budgets": [0.3, 0.6], "freq": 64, "batch_size": 4, "at_start": True},
         "checkpoint": {"freq": 64, "dir": str(tmp_path / "ckpt")},
         "export": {"path": str(tmp_path / "policies" / "rl_agent.onnx"), "which": "best"},
-        "wandb": {"enabled": False},
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(s.get(key), dict):
-            s[key] = {**s[key], **value}
-        else:
-            s[key] = value
-    return s
+    cfg = compose_cfg(tmp_path, as_dict=True)
+    OmegaConf.set_struct(cfg, False)  # new keys in open dicts, as `+rl.env.key=...` adds them on the command line
+    cfg.rl = OmegaConf.merge(cfg.rl, base, overrides)
+    return typed(cfg).rl
+
+
+def offline_logger(directory: Path) -> LoggerConfig:
+    return LoggerConfig(backend="wandb", mode="offline", project="blockreuse", entity=None, name=None, group=None,
+                        tags=["rl"], save_dir=str(directory))
 
 
 def env_kwargs(**overrides) -> dict:
@@ -61,9 +69,9 @@ def eval_kwargs() -> dict:
     return tiny_env_kwargs(prompts=random_pairs(n=4, seed=7))
 
 
-def train(tmp_path: Path, env_overrides: dict | None = None, **overrides) -> dict:
-    return train_agent(tiny_settings(tmp_path, **overrides), env_kwargs(**(env_overrides or {})), tmp_path / "out",
-                       eval_env_kwargs=eval_kwargs())
+def train(tmp_path: Path, env_overrides: dict | None = None, logger: LoggerConfig | None = None, **overrides) -> dict:
+    return train_agent(tiny_rl(tmp_path, **overrides), env_kwargs(**(env_overrides or {})), tmp_path / "out",
+                       eval_env_kwargs=eval_kwargs(), logger=logger)
 
 
 def env_observations(action_mode: str, n: int = 24, seed: int = 0) -> list[dict]:
@@ -96,18 +104,19 @@ def trained(request, tmp_path_factory):
     ({"algo": "nope"}, "unknown rl.algo 'nope'"),
     ({"algo": "sac"}, "does not support MultiBinary"),
     ({"algo": "dqn"}, "does not support MultiBinary"),
-    ({"n_envs": 0}, "n_envs must be >= 1"),
-    ({"max_minutes": 0}, "max_minutes must be > 0"),
-    ({"total_timesteps": 0}, "total_timesteps must be >= 1"),
-    ({"vec_env": "ray"}, "vec_env"),
-    ({"eval": {"budgets": [1.5]}}, "budgets"),
-    ({"export": {"which": "median"}}, "export.which"),
-    ({"export": {"budget": 0.0}}, "rl.export.budget"),
+    ({"n_envs": 0}, r"rl.n_envs=0 must be >= 1"),
+    ({"max_minutes": 0}, r"rl.max_minutes=0.0 must be > 0"),
+    ({"total_timesteps": 0}, r"rl.total_timesteps=0 must be >= 1"),
+    ({"vec_env": "ray"}, r"rl.vec_env='ray'"),
+    ({"eval": {"budgets": [1.5]}}, r"rl.eval.budgets\[0\]=1.5"),
+    ({"export": {"which": "median"}}, r"rl.export.which='median'"),
+    ({"export": {"budget": 0.0}}, r"rl.export.budget=0.0"),
     ({"warm_start": "a.ckpt", "resume": "b.zip"}, "exclusive"),
+    ({"env": {"num_threads": 1}}, r"rl.env has unknown env settings \['num_threads'\]"),
 ])
 def test_bad_settings_are_refused_before_anything_starts(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        train_agent(tiny_settings(tmp_path, **overrides), env_kwargs(), tmp_path, eval_env_kwargs=eval_kwargs())
+        train_agent(tiny_rl(tmp_path, **overrides), env_kwargs(), tmp_path, eval_env_kwargs=eval_kwargs())
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -116,20 +125,21 @@ def test_algos_by_action_space():
     with pytest.raises(ValueError, match="does not support MultiDiscrete.*'ppo', 'a2c'"):
         resolve_algo("td3", "depth")
     with pytest.raises(ValueError, match="unknown action_mode"):
-        validate_settings({"env": {"action_mode": "layers"}})
+        resolve_algo("ppo", "layers")
 
 
 # --- the per-block policy ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("action_mode", ["binary", "depth"])
-def test_policy_is_per_block(action_mode):
+def test_policy_is_per_block(action_mode, tmp_path):
     from stable_baselines3 import PPO
 
     from envs.vector import make_sb3_vec_env
     from policies.rl import policy_kwargs
 
     venv = make_sb3_vec_env(env_kwargs(action_mode=action_mode), 1, subproc=False, seed=0)
+    rl = tiny_rl(tmp_path, policy={"hidden": 16, "init_refresh_prob": 0.2, "net_arch": {"pi": [], "vf": [64]}})
     model = PPO(PerBlockActorCriticPolicy, venv, n_steps=16, batch_size=16, seed=0,
-                policy_kwargs=policy_kwargs({"policy": {"hidden": 16, "init_refresh_prob": 0.2}}))
+                policy_kwargs=policy_kwargs(rl.policy))
     obs = stack(env_observations(action_mode, n=8))
     pinned = (obs["block_mask"] == 0) | (obs["blocks"][..., 2] > 0.5)  # padding rows and the decoding block
     with torch.no_grad():  # the initial policy refreshes a free block with probability ~0.2
@@ -256,7 +266,7 @@ def test_resume_continues_and_refuses_foreign_zips(trained, tmp_path):
 def test_warm_start_reproduces_the_supervised_predictor(tmp_path):
     from envs.vector import make_sb3_vec_env
     from policies.predictor import BlockPredictor
-    from policies.rl import build_agent, load_predictor_checkpoint, warm_start, warm_start_policy_kwargs
+    from policies.rl import build_agent, warm_start, warm_start_policy
 
     obs = stack(env_observations("binary", n=16))
     x = policy_input(torch.as_tensor(obs["blocks"]), torch.as_tensor(obs["global"]))
@@ -273,9 +283,10 @@ def test_warm_start_reproduces_the_supervised_predictor(tmp_path):
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
                 "hyper_parameters": {"threshold": 0.3, "budget_conditioned": False, "action_mode": "binary"},
                 "blockreuse": {"net_config": net.config()}}, ckpt)
-    settings = warm_start_policy_kwargs(tiny_settings(tmp_path), load_predictor_checkpoint(ckpt)[1])
+    rl = tiny_rl(tmp_path)
+    rl = replace(rl, policy=warm_start_policy(rl.policy, read_predictor(ckpt)[1]))
     venv = make_sb3_vec_env(env_kwargs(), 1, subproc=False, seed=0)
-    model = build_agent("ppo", venv, settings)
+    model = build_agent(rl, venv, "binary")
     info = warm_start(model.policy, ckpt)
     assert info["head"] and info["tensors"] > 0
     with torch.no_grad():  # at budget 1 the agent decides as the predictor at its threshold
@@ -285,7 +296,7 @@ def test_warm_start_reproduces_the_supervised_predictor(tmp_path):
         # and the budget it never saw does not move it (yet)
         torch.testing.assert_close(ExportedActor(model.policy)(x), ExportedActor(model.policy)(x1))
     with pytest.raises(ValueError, match="depth agent|binary predictor cannot start a depth"):
-        model_d = build_agent("ppo", make_sb3_vec_env(env_kwargs(action_mode="depth"), 1, subproc=False), settings)
+        model_d = build_agent(rl, make_sb3_vec_env(env_kwargs(action_mode="depth"), 1, subproc=False), "depth")
         warm_start(model_d.policy, ckpt)
 
 
@@ -295,13 +306,7 @@ def test_warm_start_from_the_exported_predictor_weights(tmp_path, caplog):
     from envs.vector import make_sb3_vec_env
     from policies.export import export_onnx, weights_path, write_weights
     from policies.predictor import BlockPredictor
-    from policies.rl import (
-        build_agent,
-        load_predictor_checkpoint,
-        resolve_warm_start,
-        warm_start,
-        warm_start_policy_kwargs,
-    )
+    from policies.rl import build_agent, resolve_warm_start, warm_start, warm_start_policy
 
     obs = stack(env_observations("binary", n=16))
     x = policy_input(torch.as_tensor(obs["blocks"]), torch.as_tensor(obs["global"]))
@@ -316,21 +321,22 @@ def test_warm_start_from_the_exported_predictor_weights(tmp_path, caplog):
     onnx_path = export_onnx(net, tmp_path / "predictor", action_mode="binary", output="refresh_logit", n_layers=2)
     weights = write_weights(net, onnx_path, threshold=0.5, action_mode="binary", budget_conditioned=False)
     assert weights == weights_path(tmp_path / "predictor") == tmp_path / "predictor.safetensors"
-    tensors, meta = load_predictor_checkpoint(weights)
+    tensors, meta = read_predictor(weights)
     assert meta["net_config"] == net.config() and meta["action_mode"] == "binary" and meta["threshold"] == 0.5
     assert set(tensors) == set(net.state_dict())
 
-    auto = {"warm_start": "auto", "warm_start_auto": str(weights)}
+    rl = tiny_rl(tmp_path)
+    auto = replace(rl, warm_start="auto", warm_start_auto=str(weights))
     assert resolve_warm_start(auto, "binary") == str(weights)
     with caplog.at_level("WARNING", logger="policies.rl"):
         assert resolve_warm_start(auto, "depth") is None  # a binary predictor cannot start a depth agent
-        assert resolve_warm_start({**auto, "warm_start_auto": str(tmp_path / "none.safetensors")}, "binary") is None
+        assert resolve_warm_start(replace(auto, warm_start_auto=str(tmp_path / "none.safetensors")), "binary") is None
     assert "binary policy and this agent is depth" in caplog.text and "starts from scratch" in caplog.text
-    assert resolve_warm_start({**auto, "warm_start": None}, "binary") is None
-    assert resolve_warm_start({**auto, "resume": "a.zip"}, "binary") is None
+    assert resolve_warm_start(replace(auto, warm_start=None), "binary") is None
+    assert resolve_warm_start(replace(auto, resume="a.zip"), "binary") is None
 
-    settings = warm_start_policy_kwargs(tiny_settings(tmp_path), meta)
-    model = build_agent("ppo", make_sb3_vec_env(env_kwargs(), 1, subproc=False, seed=0), settings)
+    rl = replace(rl, policy=warm_start_policy(rl.policy, meta))
+    model = build_agent(rl, make_sb3_vec_env(env_kwargs(), 1, subproc=False, seed=0), "binary")
     assert warm_start(model.policy, weights)["head"]
     with torch.no_grad():
         expected = torch.sigmoid(net(x, mask)) >= 0.5
@@ -343,10 +349,10 @@ def test_warm_start_from_the_exported_predictor_weights(tmp_path, caplog):
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(other),
               metadata={"schema_id": "v0:old", "net_config": json.dumps(net.config()), "action_mode": "binary"})
     with pytest.raises(ValueError, match="feature schema 'v0:old'"):
-        load_predictor_checkpoint(other)
+        read_predictor(other)
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
-        load_predictor_checkpoint(tmp_path / "broken.safetensors")
+        read_predictor(tmp_path / "broken.safetensors")
 
 
 # --- vectorised training, offline W&B, the Hydra entry point --------------------------------------------------------
@@ -380,7 +386,7 @@ def _read_wandb_keys(path: Path) -> set[str]:
 
 def test_subproc_training_logs_to_offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    result = train(tmp_path, n_envs=2, vec_env="subproc", wandb={"enabled": True, "dir": str(tmp_path / "wb")},
+    result = train(tmp_path, n_envs=2, vec_env="subproc", logger=offline_logger(tmp_path / "wb"),
                    total_timesteps=64, eval={"freq": 0, "at_start": False}, checkpoint={"freq": 0})
     run_dirs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1 and result["wandb_dir"] == str(run_dirs[0])
@@ -392,23 +398,19 @@ def test_subproc_training_logs_to_offline_wandb(tmp_path, monkeypatch):
 
 
 def test_train_py_mode_rl_from_hydra_config(tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
     from policies import rl
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
     ckpt = save_tiny_checkpoint(tmp_path / "builtin")
-    overrides = [
-        "mode=rl", f"paths.root={tmp_path}", f"paths.model={ckpt}", f"paths.output={tmp_path / 'out'}",
+    cfg = compose_cfg(
+        tmp_path, "mode=rl", f"paths.root={tmp_path}", f"paths.model={ckpt}",
         "generation.gen_length=32", "generation.steps=4", "rl.total_timesteps=32", "rl.n_envs=1", "rl.vec_env=dummy",
         "rl.ppo.n_steps=16", "rl.ppo.batch_size=16", "rl.ppo.n_epochs=1", "rl.env.n_prompts=4",
         "rl.eval.n_prompts=2", "rl.eval.freq=0", "rl.eval.at_start=false", "rl.eval.budgets=[0.5]",
-        "rl.policy.hidden=8", "rl.progress_bar=false", "rl.verbose=0", "rl.wandb.enabled=false",
-    ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+        "rl.policy.hidden=8", "rl.progress_bar=false", "rl.verbose=0",
+    )
     result = rl.run(cfg)
-    assert Path(result["policy"]) == tmp_path / "checkpoints" / "policies" / "rl_agent.onnx"
+    assert Path(result["policy"]) == tmp_path / "out" / "rl_agent.onnx"  # the run directory, not checkpoints/
+    assert not (tmp_path / "checkpoints").exists()
     manifest = json.loads(Path(result["policy"]).with_suffix(".json").read_text())
     assert manifest["budget_conditioned"] is True and manifest["source"]["env"]["budget"] == [0.1, 0.6]
     assert manifest["default_budget"] == 0.6  # without a budget, generate() runs it at the top of its range
@@ -418,10 +420,9 @@ def test_train_py_mode_rl_from_hydra_config(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_agent_learns_to_spend_its_budget(tmp_path):
     """~1-2 min: with a KL penalty and a budget penalty, the trained agent spends more at a larger budget."""
-    settings = tiny_settings(tmp_path, total_timesteps=6144, ppo={"n_steps": 64, "batch_size": 64, "n_epochs": 4},
-                             hyperparams={"learning_rate": 3e-3}, eval={"freq": 0, "at_start": False,
-                                                                       "budgets": [0.25, 0.9]},
-                             export={"which": "last"})
+    settings = tiny_rl(tmp_path, total_timesteps=6144, ppo={"n_steps": 64, "batch_size": 64, "n_epochs": 4},
+                       hyperparams={"learning_rate": 3e-3}, eval={"freq": 0, "at_start": False, "budgets": [0.25, 0.9]},
+                       export={"which": "last"})
     result = train_agent(settings, tiny_env_kwargs(budget=[0.2, 1.0], w_flops=0.0, w_kl=2.0, w_flip=0.5, w_budget=4.0,
                                                    w_exact=0.0, w_agree=0.0), tmp_path / "out",
                          eval_env_kwargs=eval_kwargs())
@@ -444,14 +445,14 @@ def test_multirun_logs_one_offline_wandb_run_per_job(tmp_path):
            "rl.total_timesteps=16", "rl.n_envs=1", "rl.vec_env=dummy", "rl.ppo.n_steps=16", "rl.ppo.batch_size=16",
            "rl.ppo.n_epochs=1", "rl.env.n_prompts=2", "rl.eval.n_prompts=2", "rl.eval.freq=0",
            "rl.eval.at_start=false", "rl.eval.budgets=[0.5]", "rl.policy.hidden=8", "rl.progress_bar=false",
-           "rl.verbose=0", "rl.checkpoint.freq=0"]
+           "rl.verbose=0", "rl.checkpoint.freq=0", "threads=1"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(sweep.glob("*/wandb/offline-run-*"))
     assert [r.parent.parent.name for r in runs] == ["0", "1"]
-    exported = sorted(p.name for p in (tmp_path / "checkpoints" / "policies").glob("*.onnx"))
-    assert exported == ["rl_agent_job0.onnx", "rl_agent_job1.onnx"]  # jobs do not overwrite each other
+    exported = sorted(str(p.relative_to(sweep)) for p in sweep.glob("*/rl_agent.onnx"))
+    assert exported == ["0/rl_agent.onnx", "1/rl_agent.onnx"]  # each job exports into its own run directory
     for run_dir in runs:
         keys = wandb_history_keys(run_dir)
         assert {"eval/exact_match@0.5", "record:config", "record:artifact"} <= keys

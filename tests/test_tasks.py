@@ -1,6 +1,6 @@
 import pytest
 
-from cache_core.tasks import (
+from cache_core.bench.tasks import (
     BLOCK_LENGTH,
     BUILTIN_TASKS,
     GEN_LENGTH,

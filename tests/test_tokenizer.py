@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cache_core.tasks import TaskSuite
+from cache_core.bench.tasks import TaskSuite
 from cache_core.tokenizer import Tokenizer, load_tokenizer
 
 

@@ -1,52 +1,18 @@
-"""W&B through Lightning's WandbLogger, offline: a tiny supervised run writes an offline run directory whose records
-hold the metrics, the resolved config and the exported policy artifact (read back from the .wandb file; no network)."""
+"""W&B through the one tracking module (cache_core.bench.tracking), offline: a tiny supervised run (Lightning's
+WandbLogger) and a tiny evaluate run (a plain W&B run) write offline run directories whose records hold the metrics,
+the resolved config and their artifacts (read back from the .wandb file; no network)."""
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from helpers import wandb_records
-from test_predictor import compose_cfg
+from helpers import compose_cfg, read_offline_run
 
+from cache_core.bench.tracking import run_names
 from envs.testing import save_tiny_checkpoint
 from policies.data import write_synthetic_shards
-from policies.supervised import run, run_names
-
-
-def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict[str, set]:
-    """Record kinds and keys of an offline run. wandb-core may still be writing the log when wandb.finish() returns
-    on a loaded machine, so wait for the run's `exit` record."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = _read_offline_run(run_dir)
-        if "exit" in found["kinds"] or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
-
-
-def _read_offline_run(run_dir: Path) -> dict[str, set]:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    found: dict[str, set] = defaultdict(set)
-    (log_file,) = run_dir.glob("run-*.wandb")
-    for raw in wandb_records(log_file):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        kind = record.WhichOneof("record_type")
-        found["kinds"].add(kind)
-        if kind == "history":
-            found["history"] |= {i.key or "/".join(i.nested_key) for i in record.history.item}
-        elif kind == "config":
-            found["config"] |= {i.key or "/".join(i.nested_key) for i in record.config.update}
-        elif kind == "artifact":
-            found["artifacts"].add(record.artifact.name)
-            found["artifact_files"] |= {m.path for m in record.artifact.manifest.contents}
-        elif kind == "run":
-            found["run"] |= {record.run.display_name, record.run.job_type, record.run.project}
-    return found
+from policies.supervised import run
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +46,25 @@ def test_logger_none_writes_no_run(tmp_path):
     write_synthetic_shards(tmp_path / "shards", episodes=6, steps=4)
     result = run(compose_cfg(tmp_path, "logger=none", "trainer.max_epochs=1"))
     assert "wandb_dir" not in result and not (tmp_path / "out" / "wandb").exists()
+
+
+def test_evaluate_logs_its_table_plot_and_files(tmp_path):
+    from policies.evaluate import run as evaluate
+
+    model = save_tiny_checkpoint(tmp_path / "tiny")
+    cfg = compose_cfg(tmp_path, "logger=wandb", f"paths.model={model}", "generation.gen_length=16",
+                      "generation.block_length=8", "generation.steps=4", "evaluate.n_examples=2",
+                      "evaluate.batch_sizes=[2]", "evaluate.heuristics=[full,never]", "evaluate.include_oracle=false",
+                      "evaluate.learned=[]", "evaluate.progress=false")
+    evaluate(cfg)
+    (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    found = read_offline_run(run_dir)
+    assert "exit" in found["kinds"]
+    logged = {key.split("/_type")[0] for key in found["history"] if key.endswith("/_type")}  # media keys
+    assert {"evaluate/rows", "evaluate/pareto"} <= logged, found["history"]
+    assert "evaluate" in found["artifacts"] and {"evaluate.json", "evaluate.txt", "evaluate_pareto.png"} <= \
+        found["artifact_files"]
+    assert "evaluate" in found["run"]
 
 
 def test_run_names_per_multirun_job():

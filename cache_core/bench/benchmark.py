@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from cache_core.bench.tasks import Example, score
 from cache_core.generate import generate
-from cache_core.model import LLaDAModel
-from cache_core.policy import ReusePolicy, make_policy, policy_registry
-from cache_core.tasks import Example, score
+from cache_core.models import DiffusionModel
+from cache_core.policy import ReusePolicy
+from cache_core.registry import make_policy, policy_registry
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Row:
     steps: int
 
 
-def _run(model: LLaDAModel, tokenizer, examples: list[Example], spec: PolicySpec, batch_size: int,
+def _run(model: DiffusionModel, tokenizer, examples: list[Example], spec: PolicySpec, batch_size: int,
          gen: dict[str, Any]) -> tuple[list[str], float, float, int]:
     answers, flops, wall, steps = [], 0.0, 0.0, 0
     for i in range(0, len(examples), batch_size):
@@ -94,7 +95,7 @@ def _run(model: LLaDAModel, tokenizer, examples: list[Example], spec: PolicySpec
     return answers, flops, wall, steps
 
 
-def evaluate_policies(model: LLaDAModel, tokenizer, examples: list[Example], specs: list[PolicySpec],
+def evaluate_policies(model: DiffusionModel, tokenizer, examples: list[Example], specs: list[PolicySpec],
                       batch_sizes: Sequence[int], gen: dict[str, Any], progress: bool = True,
                       examples_per_batch_size: dict[int, int] | None = None) -> list[Row]:
     """Run every spec at every batch size; the no-cache reference (`full`) runs first at each batch size.
@@ -192,36 +193,45 @@ def write_results(rows: list[Row], directory: str | Path, name: str, meta: dict[
     return {"json": str(json_path), "table": str(directory / f"{name}.txt"), "plot": str(png)}
 
 
-def load_builtin(cfg) -> tuple[LLaDAModel, Any]:
+def load_model_and_tokenizer(directory: str | Path) -> tuple[DiffusionModel, Any]:
+    """The model at `directory` and the tokenizer saved beside it, with a clear error when it is missing."""
     from cache_core.checkpoint import load_model, load_tokenizer
 
-    return load_model(cfg.paths.model), load_tokenizer(cfg.paths.model)
+    if not (Path(directory) / "config.json").is_file():
+        raise FileNotFoundError(f"no model checkpoint at {directory}: train the built-in model with `python train.py "
+                                "mode=pretrain` or set paths.model")
+    return load_model(directory), load_tokenizer(directory)
 
 
-def generation_kwargs(cfg) -> dict[str, Any]:
-    g = cfg.generation
-    return dict(gen_length=g.gen_length, block_length=g.block_length, steps=g.steps, threshold=g.threshold,
-                temperature=g.temperature, remasking=g.remasking)
-
-
-def run(cfg) -> dict:
-    """`python train.py mode=benchmark`."""
-    from cache_core.tasks import TaskSuite
+def run(cfg: Any) -> dict:
+    """`python train.py mode=benchmark` (cfg: policies.config.RootConfig)."""
+    from cache_core.bench import tracking
+    from cache_core.bench.tasks import TaskSuite
 
     b = cfg.benchmark
-    if b.threads:
-        torch.set_num_threads(int(b.threads))
-    model, tokenizer = load_builtin(cfg)
-    model = model.to(b.get("device") or "cpu")
-    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(b.split, int(b.n_examples))
+    model, tokenizer = load_model_and_tokenizer(cfg.paths.model)
+    model = model.to(b.device)
+    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(b.split, b.n_examples)
     specs = heuristic_specs(b.policies, include_oracle=b.include_oracle)
-    caps = {int(k): int(v) for k, v in (b.examples_per_batch_size or {}).items()}
-    rows = evaluate_policies(model, tokenizer, examples, specs, list(b.batch_sizes), generation_kwargs(cfg),
-                             examples_per_batch_size=caps)
-    meta = {"model": str(cfg.paths.model), "split": b.split, "n_examples": len(examples), "caps": caps,
-            "generation": generation_kwargs(cfg), "threads": torch.get_num_threads(),
-            "device": str(model.device)}
-    out = write_results(rows, b.output_dir or cfg.paths.output, "benchmark", meta)
+    caps = dict(b.examples_per_batch_size)
+    gen = cfg.generation.kwargs()
+    run = tracking.start_run(cfg.logger, "benchmark", cfg)
+    try:
+        rows = evaluate_policies(model, tokenizer, examples, specs, list(b.batch_sizes), gen,
+                                 examples_per_batch_size=caps)
+        meta = {"model": str(cfg.paths.model), "split": b.split, "n_examples": len(examples), "caps": caps,
+                "generation": gen, "threads": torch.get_num_threads(), "device": str(model.device)}
+        out = write_results(rows, b.output_dir, "benchmark", meta)
+        log_results(run, rows, out, "benchmark")
+    finally:
+        run.finish()
     log.info("benchmark written: %s", out)
-    print(f"JSON: {out['json']}\nplot: {out['plot']}")
+    print(f"JSON: {out['json']}\ntable: {out['table']}\nplot: {out['plot']}")
     return out
+
+
+def log_results(run: Any, rows: list[Row], out: dict[str, str], name: str) -> None:
+    """The rows as a W&B table, the Pareto plot as an image, and the files as an artifact of the job's run."""
+    run.log_table(f"{name}/rows", [asdict(r) for r in rows])
+    run.log_image(f"{name}/pareto", out["plot"])
+    run.log_artifact([out["json"], out["table"], out["plot"]], name, kind="results")

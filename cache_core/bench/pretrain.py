@@ -6,8 +6,8 @@ divided by the number of generation tokens. Prompts of different lengths are LEF
 `key_mask`, and get rotary positions starting at 0 on their first real token, so the layout of a prompt + canvas
 does not depend on the batch it sits in.
 
-This is the only module of cache_core that imports Lightning (at import time of this module, never from the package).
-Entry point: `run(cfg)`, called by `train.py mode=pretrain`.
+Part of the built-in bench (`cache_core.bench`), which the engine never imports. Its checks decode through the
+engine's one generate loop (no cache). Entry point: `run(cfg)`, called by `train.py mode=pretrain`.
 """
 
 from __future__ import annotations
@@ -17,22 +17,23 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
+from cache_core.bench.tasks import BLOCK_LENGTH, GEN_LENGTH, Example, TaskSuite, score
 from cache_core.checkpoint import save_checkpoint
-from cache_core.model import LLaDAModel, ModelConfig
-from cache_core.tasks import BLOCK_LENGTH, GEN_LENGTH, Example, TaskSuite, score
+from cache_core.generate import generate
+from cache_core.models import LLaDAModel, ModelConfig
 from cache_core.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- batches ----------------------------------------------------------------------------------------------------
@@ -207,53 +208,6 @@ class DiffusionLM(L.LightningModule):
 # --- evaluation -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def decode_no_cache(model: LLaDAModel, prompts: list[list[int]], pad_id: int, gen_length: int = GEN_LENGTH,
-                    block_length: int = BLOCK_LENGTH, steps: int = GEN_LENGTH) -> torch.Tensor:
-    """Plain LLaDA decode (full forward every step, low-confidence remasking, argmax): (B, gen_length) ids.
-
-    A fallback for when cache_core.generate cannot be imported; `evaluate` prefers the framework's generate loop.
-    """
-    if gen_length % block_length or steps % (gen_length // block_length):
-        raise ValueError("gen_length must be a multiple of block_length and steps of the number of blocks")
-    mask_id = model.config.mask_token_id
-    ids, key_mask, positions = left_pad(prompts, pad_id)
-    B, P = ids.shape
-    x = torch.cat([ids, torch.full((B, gen_length), mask_id)], 1)
-    key_mask = torch.cat([key_mask, torch.ones(B, gen_length, dtype=torch.bool)], 1)
-    positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(gen_length)[None, :]], 1)
-    n_blocks = gen_length // block_length
-    per_block = steps // n_blocks
-    for b in range(n_blocks):
-        lo, hi = P + b * block_length, P + (b + 1) * block_length
-        n_masked = (x[:, lo:hi] == mask_id).sum(1)
-        # Linear schedule: the block's masked count split evenly over its steps, remainder to the first steps.
-        quota = (n_masked[:, None] // per_block).repeat(1, per_block)
-        quota[torch.arange(per_block)[None, :] < (n_masked % per_block)[:, None]] += 1
-        for s in range(per_block):
-            probs = model(x, key_mask=key_mask, positions=positions).softmax(-1)
-            conf, pred = probs.max(-1)
-            eligible = x == mask_id
-            eligible[:, hi:] = False
-            conf = torch.where(eligible, conf, torch.full_like(conf, -math.inf))
-            for row in range(B):
-                k = int(quota[row, s])
-                if k:
-                    pick = conf[row].topk(k).indices
-                    x[row, pick] = pred[row, pick]
-    return x[:, P:]
-
-
-def _decode(model: LLaDAModel, prompts: list[list[int]], tok: Tokenizer, gen_length: int, block_length: int,
-            steps: int) -> torch.Tensor:
-    try:
-        from cache_core.generate import generate
-    except Exception as err:  # the framework loop is being written concurrently; fall back rather than fail
-        log.warning("cache_core.generate unavailable (%s); using the private no-cache decode", err)
-        return decode_no_cache(model, prompts, tok.pad_token_id, gen_length, block_length, steps)
-    return generate(model, prompts, gen_length=gen_length, block_length=block_length, steps=steps).tokens
-
-
-@torch.no_grad()
 def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_length: int = GEN_LENGTH,
              block_length: int = BLOCK_LENGTH, steps: int = GEN_LENGTH, batch_size: int = 32) -> dict[str, float]:
     """Exact match (no cache) per task and overall ('all')."""
@@ -263,7 +217,8 @@ def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_len
     chars, n_chars = 0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        tokens = _decode(model, [tok.encode(e.prompt) for e in chunk], tok, gen_length, block_length, steps)
+        prompts = [tok.encode(e.prompt) for e in chunk]
+        tokens = generate(model, prompts, gen_length=gen_length, block_length=block_length, steps=steps).tokens
         for e, row in zip(chunk, tokens.tolist()):
             text = tok.decode(row)
             hits.setdefault(e.task, []).append(score(text, e))
@@ -285,7 +240,7 @@ class ProgressAndEval(L.Callback):
     """Log lines every `log_every` steps; every `eval_every` steps exact match on held-out validation examples,
     saving the best model so far to the checkpoint directory (a killed run still leaves its best checkpoint)."""
 
-    def __init__(self, tok: Tokenizer, val: list[Example], pcfg: DictConfig, out_dir: Path, extra: dict[str, Any]):
+    def __init__(self, tok: Tokenizer, val: list[Example], pcfg: Any, out_dir: Path, extra: dict[str, Any]):
         self.tok, self.val, self.pcfg, self.out_dir, self.extra = tok, val, pcfg, out_dir, extra
         self.best = -1.0
         self.best_key: tuple[float, float] | None = None
@@ -307,15 +262,17 @@ class ProgressAndEval(L.Callback):
                      self.loss_sum / self.loss_n, lr, elapsed, elapsed / step)
             self.loss_sum, self.loss_n = 0.0, 0
         if self.pcfg.eval_every and step % self.pcfg.eval_every == 0:
-            self.run_eval(pl_module.model, step)
+            self.run_eval(pl_module.model, step, trainer)
 
-    def run_eval(self, model: LLaDAModel, step: int) -> None:
+    def run_eval(self, model: LLaDAModel, step: int, trainer: L.Trainer | None = None) -> None:
         if not self.val:
             return
         t0 = time.time()
         metrics = evaluate(model, self.tok, self.val, steps=self.pcfg.eval_steps)
         self.history.append({"step": step, **metrics})
         log.info("eval step %d: %s (%.0fs)", step, _fmt(metrics), time.time() - t0)
+        if trainer is not None and trainer.logger is not None:
+            trainer.logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=step)
         # Best = exact match, ties broken by character accuracy, then by the later step.
         key = (metrics["all"], metrics["char_accuracy"])
         if self.best_key is None or key >= self.best_key:
@@ -328,9 +285,10 @@ class ProgressAndEval(L.Callback):
 
 # --- entry point ------------------------------------------------------------------------------------------------
 
-def model_config_from(cfg_model: DictConfig | dict, tok: Tokenizer) -> ModelConfig:
-    """ModelConfig from the `model` config group; vocab_size / mask_token_id left null come from the tokenizer."""
-    raw = OmegaConf.to_container(cfg_model, resolve=True) if isinstance(cfg_model, DictConfig) else dict(cfg_model)
+def model_config_from(model: Any, tok: Tokenizer) -> ModelConfig:
+    """ModelConfig from the `model` config group (a BuiltinModelConfig or a dict); vocab_size / mask_token_id left
+    null come from the tokenizer."""
+    raw = asdict(model) if is_dataclass(model) else dict(model)
     fields = {k: v for k, v in raw.items() if k in ModelConfig.field_names()}
     if fields.get("vocab_size") is None:
         fields["vocab_size"] = tok.vocab_size
@@ -347,95 +305,79 @@ def _resolve(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path  # independent of Hydra's working directory
 
 
-def _output_dir(pcfg: DictConfig) -> Path:
-    return _resolve(pcfg.output_dir) / pcfg.name
+def run(cfg: Any) -> dict[str, Any]:
+    """Train the built-in model per cfg.model / cfg.task / cfg.pretrain (cfg: policies.config.RootConfig); write
+    <pretrain.output_dir>/<pretrain.name>/; return metrics."""
+    from cache_core.bench import tracking
 
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train the built-in model per cfg.model / cfg.task / cfg.pretrain; write checkpoints/<name>/; return metrics."""
-    for key in ("model", "task", "pretrain"):
-        if key not in cfg:
-            raise KeyError(f"config has no '{key}' group; expected defaults model: builtin, task: builtin, "
-                           f"pretrain: default")
     pcfg, tcfg = cfg.pretrain, cfg.task
-    torch.set_num_threads(int(pcfg.num_threads))  # the CPU is shared: do not oversubscribe
-    L.seed_everything(int(pcfg.seed), workers=True, verbose=False)
+    L.seed_everything(pcfg.seed, workers=True, verbose=False)
     tok = Tokenizer()
-    suite = TaskSuite(list(tcfg.tasks), seed=int(tcfg.seed))
+    suite = TaskSuite(list(tcfg.tasks), seed=tcfg.seed)
     model_cfg = model_config_from(cfg.model, tok)
-    out_dir = _output_dir(pcfg)
-    val = suite.split("validation", int(pcfg.eval_examples))
-    extra = {"task": {"tasks": list(tcfg.tasks), "seed": int(tcfg.seed), "gen_length": GEN_LENGTH,
+    out_dir = _resolve(pcfg.output_dir) / pcfg.name
+    val = suite.split("validation", pcfg.eval_examples)
+    extra = {"task": {"tasks": list(tcfg.tasks), "seed": tcfg.seed, "gen_length": GEN_LENGTH,
                       "block_length": BLOCK_LENGTH},
-             "pretrain": OmegaConf.to_container(pcfg, resolve=True)}
+             "pretrain": asdict(pcfg)}
 
-    module = DiffusionLM(model_cfg, lr=float(pcfg.lr), weight_decay=float(pcfg.weight_decay),
-                         warmup_steps=int(pcfg.warmup_steps), max_steps=int(pcfg.steps),
-                         min_lr_ratio=float(pcfg.min_lr_ratio), eps=float(pcfg.eps),
-                         max_seconds=float(pcfg.max_minutes) * 60 if pcfg.max_minutes else None,
-                         semi_ar_fraction=float(pcfg.semi_ar_fraction), loss_weighting=str(pcfg.loss_weighting),
+    module = DiffusionLM(model_cfg, lr=pcfg.lr, weight_decay=pcfg.weight_decay, warmup_steps=pcfg.warmup_steps,
+                         max_steps=pcfg.steps, min_lr_ratio=pcfg.min_lr_ratio, eps=pcfg.eps,
+                         max_seconds=pcfg.max_minutes * 60 if pcfg.max_minutes else None,
+                         semi_ar_fraction=pcfg.semi_ar_fraction, loss_weighting=pcfg.loss_weighting,
                          eos_id=tok.eos_token_id)
-    if pcfg.get("init_from"):
+    if pcfg.init_from:
         # Continue from a saved checkpoint (same architecture), e.g. to train a stopped run further.
         from cache_core.checkpoint import load_model
 
         init = load_model(_resolve(pcfg.init_from))
         if init.config != model_cfg:
-            raise ValueError(f"init_from={pcfg.init_from} has config {init.config}, but the model group asks for "
-                             f"{model_cfg}; make them match")
+            raise ValueError(f"pretrain.init_from={pcfg.init_from} has config {init.config}, but the model group asks "
+                             f"for {model_cfg}; make them match")
         module.model.load_state_dict(init.state_dict())
         log.info("initialised from %s", pcfg.init_from)
     n_params = sum(p.numel() for p in module.model.parameters())
     log.info("pretraining %s: %s, %.2fM parameters -> %s", pcfg.name, model_cfg, n_params / 1e6, out_dir)
     callback = ProgressAndEval(tok, val, pcfg, out_dir, extra)
-    data = TaskDataModule(suite, tok, int(pcfg.batch_size), stream=int(pcfg.seed))
-    trainer = L.Trainer(
-        max_steps=int(pcfg.steps), max_time=({"minutes": float(pcfg.max_minutes)} if pcfg.max_minutes else None),
-        accelerator=str(pcfg.get("accelerator", "cpu")), devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=bool(pcfg.progress_bar), enable_model_summary=False,
-        gradient_clip_val=float(pcfg.grad_clip), callbacks=[callback], num_sanity_val_steps=0,
-    )
-    started = time.time()
-    trainer.fit(module, datamodule=data)
-    train_seconds = time.time() - started
-    model = module.model
-    step = trainer.global_step
-    # Final validation unless the last step was just evaluated; then keep the best model seen.
-    if not callback.history or callback.history[-1]["step"] != step:
-        callback.run_eval(model, step)
-    if callback.best_state is not None:
-        model.load_state_dict(callback.best_state)
-    test = suite.split("test", int(pcfg.test_examples))
-    t0 = time.time()
-    test_metrics = evaluate(model, tok, test, steps=int(pcfg.eval_steps)) if test else {}
-    log.info("test exact match (%d examples, best step %d): %s (%.0fs)", len(test), callback.best_step,
-             _fmt(test_metrics), time.time() - t0)
-    result = {
-        "checkpoint": str(out_dir), "steps": step, "best_step": callback.best_step, "train_seconds": train_seconds,
-        "parameters": n_params, "validation_exact_match": callback.history[-1] if callback.history else {},
-        "best_validation_exact_match": callback.best, "test_exact_match": test_metrics,
-        "test_examples": len(test), "history": callback.history,
-    }
-    save_checkpoint(model, out_dir, tokenizer=tok, extra={**extra, **{k: v for k, v in result.items()
-                                                                         if k != "checkpoint"}})
-    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-    result["checkpoint_bytes"] = size
-    log.info("saved %s (%.1f MB)", out_dir, size / 1e6)
-    return result
-
-
-def standalone_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """cfg with the model/task/pretrain groups read straight from conf/ (builtin/builtin/default) plus dotlist
-    overrides like `pretrain.steps=10`: lets this module run without train.py or conf/config.yaml."""
-    conf = REPO_ROOT / "conf"
-    cfg = OmegaConf.create({"model": OmegaConf.load(conf / "model" / "builtin.yaml"),
-                            "task": OmegaConf.load(conf / "task" / "builtin.yaml"),
-                            "pretrain": OmegaConf.load(conf / "pretrain" / "default.yaml")})
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-
-
-if __name__ == "__main__":  # python -m cache_core.pretrain pretrain.steps=100 ...
-    import sys
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    print(run(standalone_config(sys.argv[1:])))
+    data = TaskDataModule(suite, tok, pcfg.batch_size, stream=pcfg.seed)
+    logger = tracking.lightning_logger(cfg.logger, "pretrain", cfg)
+    try:
+        trainer = L.Trainer(
+            max_steps=pcfg.steps, max_time=({"minutes": float(pcfg.max_minutes)} if pcfg.max_minutes else None),
+            accelerator=pcfg.accelerator, devices=1, logger=logger if logger else False, enable_checkpointing=False,
+            enable_progress_bar=pcfg.progress_bar, enable_model_summary=False,
+            gradient_clip_val=pcfg.grad_clip, callbacks=[callback], num_sanity_val_steps=0,
+            log_every_n_steps=pcfg.log_every, default_root_dir=str(out_dir.parent),
+        )
+        started = time.time()
+        trainer.fit(module, datamodule=data)
+        train_seconds = time.time() - started
+        model = module.model
+        step = trainer.global_step
+        # Final validation unless the last step was just evaluated; then keep the best model seen.
+        if not callback.history or callback.history[-1]["step"] != step:
+            callback.run_eval(model, step, trainer)
+        if callback.best_state is not None:
+            model.load_state_dict(callback.best_state)
+        test = suite.split("test", pcfg.test_examples)
+        t0 = time.time()
+        test_metrics = evaluate(model, tok, test, steps=pcfg.eval_steps) if test else {}
+        log.info("test exact match (%d examples, best step %d): %s (%.0fs)", len(test), callback.best_step,
+                 _fmt(test_metrics), time.time() - t0)
+        result = {
+            "checkpoint": str(out_dir), "steps": step, "best_step": callback.best_step, "train_seconds": train_seconds,
+            "parameters": n_params, "validation_exact_match": callback.history[-1] if callback.history else {},
+            "best_validation_exact_match": callback.best, "test_exact_match": test_metrics,
+            "test_examples": len(test), "history": callback.history,
+        }
+        save_checkpoint(model, out_dir, tokenizer=tok, extra={**extra, **{k: v for k, v in result.items()
+                                                                             if k != "checkpoint"}})
+        size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+        result["checkpoint_bytes"] = size
+        run = tracking.Run.of_lightning(logger)
+        run.summary({f"test/{k}": v for k, v in test_metrics.items()})
+        run.log_artifact(sorted(out_dir.iterdir()), f"model-{pcfg.name}", metadata={"test_exact_match": test_metrics})
+        log.info("saved %s (%.1f MB)", out_dir, size / 1e6)
+        return result
+    finally:
+        tracking.finish_lightning(logger)

@@ -1,0 +1,144 @@
+"""Typed configs of the bench's groups: `task`, `generation`, `model` (the built-in model's shape), `pretrain`,
+`benchmark`. Defaults live in YAML only (`conf/<group>/*.yaml`); these classes type and check them, and Hydra's
+ConfigStore holds them as each group's schema (`policies.config.register_configs`). A wrong value names its key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import MISSING
+
+from cache_core import validate as v
+from cache_core.bench.tasks import SPLITS, TASK_NAMES
+from cache_core.session import REMASKING, validate_generation_args
+
+
+@dataclass
+class TaskConfig:
+    """The synthetic task suite (`cache_core.bench.tasks`); splits are fixed by `seed`."""
+
+    tasks: list[str] = MISSING
+    seed: int = MISSING
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("task.tasks must list at least one task")
+        for name in self.tasks:
+            v.choice("task.tasks", name, TASK_NAMES)
+        v.number("task.seed", self.seed, integer=True)
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings (`cache_core.generate`), LLaDA semantics."""
+
+    gen_length: int = MISSING
+    block_length: int = MISSING
+    steps: int | None = MISSING  # total denoising steps (a multiple of gen_length / block_length); null with threshold
+    threshold: float | None = MISSING  # Fast-dLLM parallel decoding: commit every token with confidence >= threshold
+    temperature: float = MISSING
+    remasking: str = MISSING
+
+    def __post_init__(self) -> None:
+        v.choice("generation.remasking", self.remasking, REMASKING)
+        try:
+            validate_generation_args([[0]], self.gen_length, self.block_length, self.steps, self.threshold,
+                                     self.temperature, self.remasking)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"generation: {err}") from None
+
+    def kwargs(self) -> dict[str, Any]:
+        """generate()'s keyword arguments."""
+        return dict(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
+                    threshold=self.threshold, temperature=self.temperature, remasking=self.remasking)
+
+
+@dataclass
+class BuiltinModelConfig:
+    """The built-in model's shape (`cache_core.models.ModelConfig` fields, LLaDA architecture); vocab_size and
+    mask_token_id null = filled from the built-in tokenizer."""
+
+    vocab_size: int | None = MISSING
+    mask_token_id: int | None = MISSING
+    d_model: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    n_kv_heads: int | None = MISSING
+    mlp_hidden_size: int = MISSING
+    embedding_size: int | None = MISSING
+    max_sequence_length: int = MISSING
+    rope_theta: float = MISSING
+    rms_norm_eps: float = MISSING
+    weight_tying: bool = MISSING
+
+    def __post_init__(self) -> None:
+        for key in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "max_sequence_length"):
+            v.number(f"model.{key}", getattr(self, key), integer=True, low=1)
+        for key in ("vocab_size", "mask_token_id", "n_kv_heads", "embedding_size"):
+            v.number(f"model.{key}", getattr(self, key), integer=True, low=0, optional=True)
+        v.number("model.rope_theta", self.rope_theta, low=0.0, open_low=True)
+        v.number("model.rms_norm_eps", self.rms_norm_eps, low=0.0, open_low=True)
+
+
+@dataclass
+class PretrainConfig:
+    name: str = MISSING
+    output_dir: str = MISSING
+    steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    min_lr_ratio: float = MISSING
+    warmup_steps: int = MISSING
+    weight_decay: float = MISSING
+    grad_clip: float = MISSING
+    eps: float = MISSING
+    loss_weighting: str = MISSING
+    semi_ar_fraction: float = MISSING
+    seed: int = MISSING
+    accelerator: str = MISSING
+    max_minutes: float | None = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    eval_examples: int = MISSING
+    eval_steps: int = MISSING
+    test_examples: int = MISSING
+    init_from: str | None = MISSING
+    progress_bar: bool = MISSING
+
+    def __post_init__(self) -> None:
+        p = "pretrain."
+        v.text(p + "name", self.name)
+        for key in ("steps", "batch_size", "log_every", "eval_steps"):
+            v.number(p + key, getattr(self, key), integer=True, low=1)
+        for key in ("warmup_steps", "eval_every", "eval_examples", "test_examples"):
+            v.number(p + key, getattr(self, key), integer=True, low=0)
+        v.number(p + "lr", self.lr, low=0.0, open_low=True)
+        v.fraction(p + "min_lr_ratio", self.min_lr_ratio, open_low=False)
+        v.number(p + "weight_decay", self.weight_decay, low=0.0)
+        v.number(p + "grad_clip", self.grad_clip, low=0.0)
+        v.number(p + "eps", self.eps, low=0.0, high=1.0, open_low=True, open_high=True)
+        v.choice(p + "loss_weighting", self.loss_weighting, ("mean", "elbo"))
+        v.fraction(p + "semi_ar_fraction", self.semi_ar_fraction, open_low=False)
+        v.choice(p + "accelerator", self.accelerator, ("cpu", "gpu", "cuda", "auto", "mps"))
+        v.number(p + "max_minutes", self.max_minutes, low=0.0, open_low=True, optional=True)
+
+
+@dataclass
+class BenchmarkConfig:
+    split: str = MISSING
+    n_examples: int = MISSING
+    batch_sizes: list[int] = MISSING
+    examples_per_batch_size: dict[int, int] = MISSING
+    policies: list[str] | None = MISSING
+    include_oracle: bool = MISSING
+    device: str = MISSING
+    output_dir: str = MISSING
+
+    def __post_init__(self) -> None:
+        v.choice("benchmark.split", self.split, SPLITS)
+        v.number("benchmark.n_examples", self.n_examples, integer=True, low=1)
+        v.numbers("benchmark.batch_sizes", self.batch_sizes, integer=True, low=1)
+        for size, cap in self.examples_per_batch_size.items():
+            v.number(f"benchmark.examples_per_batch_size[{size}]", cap, integer=True, low=1)
