@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cache_core.models import DiffusionModel, family_of
+from cache_core.validate import read_json_object
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -29,12 +30,8 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded as it is; the message names the problem and the fix."""
 
 
-def read_json(path: Path, what: str = "file") -> Any:
-    """A JSON file, with errors that name the file (bad bytes included, not a bare UnicodeDecodeError)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: invalid JSON in this {what} ({err}); the file is corrupt") from err
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    return read_json_object(path, what, CheckpointError, "the file is corrupt")
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -66,8 +63,6 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
     if not config_path.exists():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this a checkpoint directory?")
     raw = read_json(config_path, "model config")
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
     family = family_of(raw, str(config_path))
     cfg = family.config_from_dict(raw, str(config_path))
     with torch.device("meta"):

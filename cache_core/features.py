@@ -1,13 +1,16 @@
 """The one feature schema: per-block stability features plus global step features, versioned.
 
-Computed once per step, here and nowhere else, from the decoding session's state. The environment's observation
-and a learned policy's input are these very tensors; a policy file records `SCHEMA_ID` and is refused under another.
-Every column is normalised into the range it declares, so one network serves canvases of any length.
+Computed once per step, here and nowhere else, from the decoding session's state: each column is one entry of
+BLOCK_COLUMNS / GLOBAL_COLUMNS (name, meaning, range and its computation), and the schema id is derived from them.
+The environment's observation and a learned policy's input are these very tensors; a policy file records
+`SCHEMA_ID` and is refused under another. Every column is normalised into the range it declares, so one network
+serves canvases of any length.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,34 +21,86 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 
 
+class _View:
+    """The session's state as the columns read it: (B, N) tensors and per-block means over valid positions."""
+
+    def __init__(self, session: DecodingSession, budget: float | None):
+        self.s, self.budget = session, budget
+        cache = session.cache
+        self.B, N = session.canvas.shape
+        self.bs, self.nb = cache.block_size, cache.n_blocks
+        self.valid = cache.key_mask.float()
+        self.blocks = torch.arange(self.nb, device=session.canvas.device)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of a (B, N) tensor over each block's valid positions: (B, n_blocks); 0 where a block has none."""
+        v = (values * self.valid).view(self.B, self.nb, self.bs).sum(-1)
+        w = self.valid.view(self.B, self.nb, self.bs).sum(-1)
+        return torch.where(w > 0, v / w.clamp(min=1e-9), torch.zeros_like(v))
+
+    def per_block(self, values: torch.Tensor) -> torch.Tensor:
+        """(n_blocks,) -> (B, n_blocks)."""
+        return values.float().expand(self.B, self.nb)
+
+    def constant(self, value: float) -> torch.Tensor:
+        """The same global value for every row: (B,)."""
+        return torch.full((self.B,), value, device=self.s.canvas.device)
+
+    def attention_mass(self, previous: bool = False) -> torch.Tensor:
+        mass = self.s.previous_attention_mass if previous else self.s.attention_mass
+        return mass.view(self.B, self.nb, self.bs).sum(-1)
+
+
 @dataclass(frozen=True)
 class Column:
+    """One feature: its name, meaning, declared range, and how it is computed from the session's state (block
+    columns give (B, n_blocks), global ones (B,)). A new feature is one entry in BLOCK_COLUMNS or GLOBAL_COLUMNS."""
+
     name: str
     meaning: str
     low: float
     high: float
+    compute: Callable[[_View], torch.Tensor] = field(repr=False, compare=False)
 
 
 BLOCK_COLUMNS: tuple[Column, ...] = (
-    Column("relative_position", "(block - decoding block) / number of blocks", -1.0, 1.0),
-    Column("is_prompt", "1 if the block belongs to the prompt", 0.0, 1.0),
-    Column("is_decoding", "1 if the block is the one being decoded (always recomputed)", 0.0, 1.0),
-    Column("masked_fraction", "fraction of the block's positions still masked", 0.0, 1.0),
-    Column("changed_since_refresh", "fraction of the block's tokens changed since it was last recomputed", 0.0, 1.0),
-    Column("steps_since_refresh", "steps since the block was last recomputed / block length, clipped at 1", 0.0, 1.0),
-    Column("confidence", "mean of the latest top-1 probability seen at the block's positions (prompt = 1)", 0.0, 1.0),
-    Column("entropy", "mean of the latest predictive entropy / log(vocab) at the block's positions", 0.0, 1.0),
-    Column("attention_mass", "share of the decoding queries' last-layer attention on the block, last step", 0.0, 1.0),
-    Column("attention_shift", "|change| of attention_mass between the last two steps", 0.0, 1.0),
-    Column("refresh_drift", "1 - cos(old, new) of the block's values at its last recompute (all layers)", 0.0, 1.0),
-    Column("valid_fraction", "fraction of the block's positions that are not padding", 0.0, 1.0),
+    Column("relative_position", "(block - decoding block) / number of blocks", -1.0, 1.0,
+           lambda v: v.per_block((v.blocks - v.s.decoding_block).float() / v.nb)),
+    Column("is_prompt", "1 if the block belongs to the prompt", 0.0, 1.0,
+           lambda v: v.per_block(v.blocks < v.s.prompt_region // v.bs)),
+    Column("is_decoding", "1 if the block is the one being decoded (always recomputed)", 0.0, 1.0,
+           lambda v: v.per_block(v.blocks == v.s.decoding_block)),
+    Column("masked_fraction", "fraction of the block's positions still masked", 0.0, 1.0,
+           lambda v: v.mean((v.s.canvas == v.s.mask_id).float())),
+    Column("changed_since_refresh", "fraction of the block's tokens changed since it was last recomputed", 0.0, 1.0,
+           lambda v: v.mean((v.s.canvas != v.s.tokens_at_refresh).float())),
+    Column("steps_since_refresh", "steps since the block was last recomputed / block length, clipped at 1", 0.0, 1.0,
+           lambda v: v.mean(((v.s.step_index - v.s.last_refresh_step).float().clamp(min=0) / v.s.block_length)
+                            .clamp(max=1.0))),
+    Column("confidence", "mean of the latest top-1 probability seen at the block's positions (prompt = 1)", 0.0, 1.0,
+           lambda v: v.mean(v.s.confidence)),
+    Column("entropy", "mean of the latest predictive entropy / log(vocab) at the block's positions", 0.0, 1.0,
+           lambda v: v.mean(v.s.entropy.clamp(0, 1))),
+    Column("attention_mass", "share of the decoding queries' last-layer attention on the block, last step", 0.0, 1.0,
+           lambda v: v.attention_mass().clamp(0, 1)),
+    Column("attention_shift", "|change| of attention_mass between the last two steps", 0.0, 1.0,
+           lambda v: (v.attention_mass() - v.attention_mass(previous=True)).abs().clamp(0, 1)),
+    Column("refresh_drift", "1 - cos(old, new) of the block's values at its last recompute (all layers)", 0.0, 1.0,
+           lambda v: v.mean(v.s.refresh_drift.clamp(0, 1))),
+    Column("valid_fraction", "fraction of the block's positions that are not padding", 0.0, 1.0,
+           lambda v: v.valid.view(v.B, v.nb, v.bs).mean(-1)),
 )
 GLOBAL_COLUMNS: tuple[Column, ...] = (
-    Column("progress", "fraction of the generation region already committed", 0.0, 1.0),
-    Column("decoding_block_fraction", "decoding block index / number of decoding blocks", 0.0, 1.0),
-    Column("step_in_block", "steps taken in the current decoding block / block length, clipped at 1", 0.0, 1.0),
-    Column("compute_spent", "FLOPs spent so far / FLOPs of full recompute so far (1 before the first step)", 0.0, 1.0),
-    Column("budget", "the compute budget as a FLOP fraction (1 when not budget-conditioned)", 0.0, 1.0),
+    Column("progress", "fraction of the generation region already committed", 0.0, 1.0,
+           lambda v: 1.0 - (v.s.canvas[:, v.s.prompt_region:] == v.s.mask_id).float().mean(1)),
+    Column("decoding_block_fraction", "decoding block index / number of decoding blocks", 0.0, 1.0,
+           lambda v: v.constant(v.s.generation_block / v.s.n_generation_blocks)),
+    Column("step_in_block", "steps taken in the current decoding block / block length, clipped at 1", 0.0, 1.0,
+           lambda v: v.constant(min(v.s.step_in_block / v.s.block_length, 1.0))),
+    Column("compute_spent", "FLOPs spent so far / FLOPs of full recompute so far (1 before the first step)", 0.0, 1.0,
+           lambda v: v.constant(min(v.s.stats.flop_fraction if v.s.stats.steps else 1.0, 1.0))),
+    Column("budget", "the compute budget as a FLOP fraction (1 when not budget-conditioned)", 0.0, 1.0,
+           lambda v: v.constant(1.0 if v.budget is None else float(v.budget))),
 )
 BLOCK_FEATURE_NAMES = tuple(c.name for c in BLOCK_COLUMNS)
 GLOBAL_FEATURE_NAMES = tuple(c.name for c in GLOBAL_COLUMNS)
@@ -77,7 +132,7 @@ def policy_input(blocks: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
 
 
 def schema_table() -> str:
-    """The schema as a Markdown table (README and `python -m cache_core.features`)."""
+    """The schema as a Markdown table (README and `python -m cache_core`)."""
     header = ["| kind | name | range | meaning |", "|---|---|---|---|"]
     lines = [f"Feature schema `{SCHEMA_ID.split(':')[0]}`", "", *header]
     for kind, cols in (("block", BLOCK_COLUMNS), ("global", GLOBAL_COLUMNS)):
@@ -85,57 +140,9 @@ def schema_table() -> str:
     return "\n".join(lines)
 
 
-def _block_mean(values: torch.Tensor, weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Weighted mean of a (B, N) tensor over each block's positions: (B, n_blocks); 0 where the weight is 0."""
-    B, N = values.shape
-    v = (values * weight).view(B, N // block_size, block_size).sum(-1)
-    w = weight.view(B, N // block_size, block_size).sum(-1)
-    return torch.where(w > 0, v / w.clamp(min=1e-9), torch.zeros_like(v))
-
-
 def compute_features(session: DecodingSession, budget: float | None = None) -> StepFeatures:
-    """The step's features from the session's state before the step runs."""
-    s = session
-    cache = s.cache
-    B, N = s.canvas.shape
-    bs, nb = cache.block_size, cache.n_blocks
-    valid = cache.key_mask.float()
-    blocks = torch.arange(nb, device=s.canvas.device)
-    gen_start_block = s.prompt_region // bs
-
-    relative = ((blocks - s.decoding_block).float() / nb).expand(B, nb)
-    is_prompt = (blocks < gen_start_block).float().expand(B, nb)
-    is_decoding = (blocks == s.decoding_block).float().expand(B, nb)
-    masked = _block_mean((s.canvas == s.mask_id).float(), valid, bs)
-    changed = _block_mean((s.canvas != s.tokens_at_refresh).float(), valid, bs)
-    since = (s.step_index - s.last_refresh_step).float().clamp(min=0) / s.block_length
-    since = _block_mean(since.clamp(max=1.0), valid, bs)
-    confidence = _block_mean(s.confidence, valid, bs)
-    entropy = _block_mean(s.entropy.clamp(0, 1), valid, bs)
-    mass = s.attention_mass.view(B, nb, bs).sum(-1)
-    shift = (mass - s.previous_attention_mass.view(B, nb, bs).sum(-1)).abs()
-    drift = _block_mean(s.refresh_drift.clamp(0, 1), valid, bs)
-    valid_fraction = valid.view(B, nb, bs).mean(-1)
-    block_features = torch.stack(
-        [relative, is_prompt, is_decoding, masked, changed, since, confidence, entropy, mass.clamp(0, 1),
-         shift.clamp(0, 1), drift, valid_fraction], dim=-1,
-    )
-
-    gen_masked = (s.canvas[:, s.prompt_region:] == s.mask_id).float().mean(1)
-    spent = s.stats.flop_fraction if s.stats.steps else 1.0
-    device = s.canvas.device
-    global_features = torch.stack(
-        [
-            1.0 - gen_masked,
-            torch.full((B,), s.generation_block / s.n_generation_blocks, device=device),
-            torch.full((B,), min(s.step_in_block / s.block_length, 1.0), device=device),
-            torch.full((B,), min(spent, 1.0), device=device),
-            torch.full((B,), 1.0 if budget is None else float(budget), device=device),
-        ],
-        dim=-1,
-    )
+    """The step's features from the session's state before the step runs: every column of the schema, in order."""
+    view = _View(session, budget)
+    block_features = torch.stack([c.compute(view) for c in BLOCK_COLUMNS], dim=-1)
+    global_features = torch.stack([c.compute(view) for c in GLOBAL_COLUMNS], dim=-1)
     return StepFeatures(block_features.float(), global_features.float())
-
-
-if __name__ == "__main__":
-    print(schema_table())

@@ -15,7 +15,6 @@ A file built for another feature schema, action mode or layer count is refused w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from cache_core.actions import ACTION_MODES, OUTPUTS, plan_from_output
 from cache_core.cache import RefreshPlan
 from cache_core.features import SCHEMA_ID, StepFeatures
 from cache_core.policy import ReusePolicy, StepContext
+from cache_core.validate import read_json_object
 
 POLICY_FORMAT = "blockreuse-policy"
 POLICY_FORMAT_VERSION = 1
@@ -44,10 +44,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     mpath = manifest_path(path)
     if not mpath.exists():
         raise PolicyFileError(f"{mpath}: no manifest beside the policy file; re-export with `train.py mode=export`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as err:
-        raise PolicyFileError(f"{mpath}: manifest is not valid JSON ({err})") from err
+    manifest = read_json_object(mpath, "policy manifest", PolicyFileError, "re-export the policy")
     if manifest.get("format") != POLICY_FORMAT:
         raise PolicyFileError(f"{mpath}: not a {POLICY_FORMAT} manifest (format={manifest.get('format')!r})")
     if manifest.get("format_version") != POLICY_FORMAT_VERSION:

@@ -10,6 +10,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from cache_core.validate import read_json_object
+
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_NAME = "blockreuse-char"
 FORMAT_VERSION = 1
@@ -97,11 +99,8 @@ class Tokenizer:
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        data = read_json_object(path, "tokenizer file")
+        if data.get("format") != FORMAT_NAME:
             raise ValueError(f"{path} is not a {FORMAT_NAME} tokenizer file (missing or wrong 'format')")
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported tokenizer version {data.get('version')!r}, "

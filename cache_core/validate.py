@@ -71,3 +71,20 @@ def numbers(key: str, values: Any, *, optional: bool = False, nonempty: bool = T
     for i, v in enumerate(values):
         number(f"{key}[{i}]", v, **bounds)
     return values
+
+
+def read_json_object(path: Any, what: str, error: type[Exception] = ValueError, hint: str = "") -> dict[str, Any]:
+    """A JSON file that must hold an object (manifests, configs, records): bad bytes, bad JSON or another JSON type
+    raise `error` naming the file, what it should be, and `hint` (the fix)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    suffix = f"; {hint}" if hint else ""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: this {what} is not valid JSON ({err}){suffix}") from err
+    if not isinstance(data, dict):
+        raise error(f"{path}: a {what} must be a JSON object, this one is a {type(data).__name__}{suffix}")
+    return data

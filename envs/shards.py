@@ -51,6 +51,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID
+from cache_core.validate import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = directory / MANIFEST_FILE
     if not path.is_file():
         raise ShardFormatError(f"{directory}: no {MANIFEST_FILE}, so this is not a shard directory; {RECOLLECT}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardFormatError(f"{path} is corrupt ({err}); {RECOLLECT}") from err
-    if not isinstance(manifest, dict):
-        raise ShardFormatError(f"{path} is corrupt (not a JSON object); {RECOLLECT}")
+    manifest = read_json_object(path, "shard manifest (corrupt)", ShardFormatError, RECOLLECT)
     version = manifest.get("format_version")
     if version != SHARD_FORMAT_VERSION:
         raise ShardFormatError(

@@ -30,6 +30,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.logger import KVWriter
 
 from cache_core.features import SCHEMA_ID
+from cache_core.validate import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,7 @@ def check_provenance(path: str | Path) -> dict[str, Any]:
     if not ppath.exists():
         raise ValueError(f"{path}: no provenance file {ppath.name} beside it. SB3 zips hold pickles, so only zips "
                          "written by this project's RL training (which records their hash) are loaded")
-    try:
-        record = json.loads(ppath.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{ppath}: not valid JSON ({err})") from err
+    record = read_json_object(ppath, "provenance record")
     if record.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{ppath}: not a {CHECKPOINT_FORMAT} provenance file")
     if record.get("sha256") != sha256(path):

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from cache_core.runtime import set_threads
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import helpers  # noqa: E402
 
-# One intra-op thread: on a small shared CPU box OpenMP spin-waiting makes tiny-model forwards ~100x slower.
-torch.set_num_threads(1)
+# One intra-op thread, as the engine's default on a small machine (cache_core.runtime): tiny-model forwards on a
+# shared CPU box spin-wait with more. Subprocesses started by tests inherit it through BLOCKREUSE_THREADS.
+os.environ.setdefault("BLOCKREUSE_THREADS", "1")
+set_threads(1)
 
 
 @pytest.fixture

@@ -281,8 +281,8 @@ def test_committed_tokens_are_never_remasked_or_changed() -> None:
 
 @pytest.mark.parametrize("policy", ["oracle", "elastic_cache", "dllm_cache"])
 def test_packed_rows_compute_what_padded_rows_do(policy: str, monkeypatch) -> None:
-    """Rows that refresh different numbers of positions are packed for the per-position layers (model.rowwise); the
-    logits and caches are those of the padded computation."""
+    """Rows that refresh different numbers of positions are packed for the per-position layers (`rowwise` in
+    models/base.py); the logits and caches are those of the padded computation."""
     import cache_core.models.base as base
     import cache_core.models.llada as llada
     from cache_core import make_policy, run_step

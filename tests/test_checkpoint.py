@@ -281,7 +281,7 @@ def test_not_a_directory(tmp_path: Path) -> None:
 
 def test_invalid_json(llada_dir: Path) -> None:
     (llada_dir / "config.json").write_text('{"d_model": 32,')
-    with pytest.raises(CheckpointError, match="invalid JSON"):
+    with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(llada_dir)
 
 

@@ -250,7 +250,7 @@ def test_action_plan_round_trip_and_padding_ignored(mode):
 @pytest.mark.parametrize("mode", ["binary", "depth"])
 def test_oracle_policy_equals_labels(mode):
     """OraclePolicy's plan in a state == that state's oracle labels thresholded at epsilon (binary: some layer's drift
-    > epsilon; depth: cache_core.policy.oracle_start_layer), with the labels that info['oracle_drift'] reports."""
+    > epsilon; depth: cache_core.actions.oracle_actions), with the labels that info['oracle_drift'] reports."""
     eps = 0.05
     env = BlockReuseEnv(**tiny_env_kwargs(action_mode=mode, model=tiny_model(n_layers=4)))  # 4 layers: real depths
     oracle = OraclePolicy(epsilon=eps, depth=mode == "depth")

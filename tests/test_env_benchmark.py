@@ -6,21 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import compose_cfg
 from hydra.errors import ConfigCompositionException
 
 from envs import benchmark
 from envs.block_reuse_env import BlockReuseEnv
 from envs.testing import save_tiny_checkpoint, tiny_env_kwargs
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_single_env_rate_and_overhead():

@@ -29,14 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 N_FEATURES = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_rl(tmp_path: Path, **overrides) -> RLConfig:
     """The rl group of conf/rl/ppo.yaml for a few-hundred-step PPO run on the tiny env (from scratch, export into
     tmp_path), with `overrides` merged in (nested dicts merge key by key) and checked as `python train.py` checks."""

@@ -59,6 +59,12 @@ def test_malformed_files_raise_clear_errors(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         Tokenizer.load(tmp_path)
+    path.write_bytes(bytes(range(256)))  # random bytes: named, not a bare UnicodeDecodeError
+    with pytest.raises(ValueError, match="tokenizer.json: this tokenizer file is not valid JSON"):
+        Tokenizer.load(tmp_path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object, this one is a list"):
+        Tokenizer.load(tmp_path)
     path.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="wrong 'format'"):
         Tokenizer.load(tmp_path)
