@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from envs.block_reuse_env import ENV_ID, BlockReuseEnv
+from envs.block_reuse_env import BlockReuseEnv
 
 WORKER_THREADS = 1
 
@@ -37,8 +37,14 @@ def make_sb3_vec_env(env_kwargs: dict[str, Any], n_envs: int, subproc: bool = Tr
 
 
 def make_gym_vec_env(env_kwargs: dict[str, Any], n_envs: int, mode: str = "sync"):
-    """A Gymnasium vector env (`gym.make_vec`) of n_envs BlockReuseEnvs; mode 'sync' or 'async'."""
+    """A Gymnasium vector env of n_envs BlockReuseEnvs; mode 'sync' (in-process) or 'async' (a worker process each,
+    `WORKER_THREADS` torch thread per worker). `gym.make_vec(ENV_ID, ...)` works too, with the workers' default
+    threads."""
     import gymnasium as gym
 
-    return gym.make_vec(ENV_ID, num_envs=n_envs, vectorization_mode=mode, **env_kwargs)
+    if mode == "sync":
+        return gym.vector.SyncVectorEnv([partial(BlockReuseEnv, **env_kwargs)] * n_envs)
+    if mode == "async":
+        return gym.vector.AsyncVectorEnv([partial(worker_env, WORKER_THREADS, **env_kwargs)] * n_envs)
+    raise ValueError(f"unknown vector mode {mode!r}; use 'sync' or 'async'")
 

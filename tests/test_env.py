@@ -437,9 +437,15 @@ def test_sb3_subproc_vec_env():
         venv.close()
 
 
+@pytest.mark.parametrize("maker", ["gym.make_vec", "make_gym_vec_env"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_gym_make_vec(mode):
-    vec = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode=mode, **tiny_env_kwargs())
+def test_gym_make_vec(mode, maker):
+    from envs.vector import make_gym_vec_env
+
+    if maker == "gym.make_vec":
+        vec = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode=mode, **tiny_env_kwargs())
+    else:
+        vec = make_gym_vec_env(tiny_env_kwargs(), 2, mode)
     try:
         obs, _ = vec.reset(seed=0)
         assert obs["blocks"].shape == (2, 8, N_BLOCK_FEATURES)

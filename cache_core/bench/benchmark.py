@@ -165,10 +165,12 @@ def pareto_plot(rows: list[Row], path: str | Path, batch_size: int | None = None
             families.setdefault(r.family, []).append(r)
     for ax, metric, label in ((axes[0], "exact_match", "exact match"),
                               (axes[1], "agreement", "agreement with the no-cache answer")):
-        for family, points in families.items():
+        colours = plt.get_cmap("tab20").colors  # 20 colours and 8 markers: no two families look alike
+        for i, (family, points) in enumerate(families.items()):
             points = sorted(points, key=lambda r: r.flop_fraction)
-            ax.plot([p.flop_fraction for p in points], [getattr(p, metric) for p in points], marker="o",
-                    label=family, linestyle="--" if family == "oracle" else "-")
+            ax.plot([p.flop_fraction for p in points], [getattr(p, metric) for p in points],
+                    marker="os^Dv<>P"[i % 8], color=colours[(2 * i) % 20 + (i // 10) % 2], label=family,
+                    linestyle="--" if family == "oracle" else "-")
         ax.set_xlabel("FLOP fraction of no-cache (lower = cheaper)")
         ax.set_ylabel(label)
         ax.set_title(f"{label} vs compute (batch {batch_size})")
