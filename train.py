@@ -18,7 +18,7 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from policies.config import RootConfig, register_configs, typed
+from policies.config import JOB_MODES, RootConfig, register_configs, typed
 
 log = logging.getLogger("blockreuse")
 
@@ -35,6 +35,7 @@ MODES = {  # mode -> the module whose run(cfg) does it
 # The main job: collect rollouts, train the predictor (which exports itself into the run directory), evaluate it
 # against the heuristics, the oracle and the shipped policies. It writes into its run directory only.
 MAIN_PIPELINE = ("collect", "supervised", "evaluate")
+assert set(MODES) | {"main"} == set(JOB_MODES), "policies.config.JOB_MODES lists the modes of train.MODES"
 
 register_configs()  # the groups' schemas and the repo_root resolver, before Hydra composes
 
@@ -59,9 +60,7 @@ def apply_threads(threads: int | None) -> int:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     os.environ.setdefault("WANDB_MODE", "offline")  # never reach for the network unless asked (logger.mode=online)
-    if cfg.mode != "main" and cfg.mode not in MODES:
-        raise ValueError(f"unknown mode {cfg.mode!r}; choose one of {['main', *MODES]} (python train.py --help)")
-    config = typed(cfg)  # every group checked before any job starts: a bad value names its key
+    config = typed(cfg)  # every group checked before any job starts (the mode too): a bad value names its key
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     log.info("torch threads: %d; run directory: %s", apply_threads(config.threads), config.paths.output)
     if config.mode != "main":

@@ -35,13 +35,17 @@ class PolicyFileError(ValueError):
     """An exported policy that cannot be used here; the message names the mismatch and the fix."""
 
 
-def manifest_path(path: str | Path) -> Path:
+def policy_files(path: str | Path) -> tuple[Path, Path]:
+    """`<name>.onnx`, `<name>.json` of a policy given as `<name>`, `<name>.onnx` or `<name>.json` (a name may hold
+    dots of its own: `predictor.v2` is `predictor.v2.onnx`)."""
     path = Path(path)
-    return path if path.suffix == ".json" else path.with_suffix(".json")
+    if path.suffix in (".onnx", ".json"):
+        path = path.with_suffix("")
+    return path.parent / (path.name + ".onnx"), path.parent / (path.name + ".json")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    mpath = manifest_path(path)
+    mpath = policy_files(path)[1]
     if not mpath.exists():
         raise PolicyFileError(f"{mpath}: no manifest beside the policy file; re-export with `train.py mode=export`")
     manifest = read_json_object(mpath, "policy manifest", PolicyFileError, "re-export the policy")
@@ -83,7 +87,7 @@ class LearnedPolicy(ReusePolicy):
         import onnxruntime as ort
 
         manifest = read_manifest(path)
-        onnx_path = Path(path).with_suffix(".onnx")
+        onnx_path = policy_files(path)[0]
         if not onnx_path.exists():
             raise PolicyFileError(f"{onnx_path}: the ONNX file named by the manifest is missing")
         options = ort.SessionOptions()

@@ -4,8 +4,10 @@ A policy maps a step's features (and a small context) to a `RefreshPlan`. Heuris
 policies all implement it, and `generate()` never asks which one it holds. A policy declares what it reads
 (`uses_features`, `uses_attention`) so the session skips work nobody reads, and may keep state through hooks (as
 d2Cache's cache base does): `reset` at the start of a generation, `on_block_start` at the first step of every
-decoding block, `on_step_end` after every step with what the step computed. `decide` and `run_step` are the only
-callers of these hooks, used by `generate()` and by the environment alike.
+decoding block, `on_step_end` after every step with what the step computed. `decide` plans a step (block-start hook
+included); `run_step` = decide, step, `on_step_end`, the loop body of `generate()`; the environment calls `decide` for
+a policy asked for an action and that policy's `on_step_end` after the step. Whoever starts a generation calls
+`reset` (generate(), the collector).
 """
 
 from __future__ import annotations

@@ -31,6 +31,14 @@ def policy_registry() -> dict[str, type[ReusePolicy]]:
     return dict(sorted(_REGISTRY.items(), key=lambda kv: kv[0] == "oracle"))
 
 
+def check_policy_name(key: str, name: str, files: bool = True) -> str:
+    """A config value that names a policy: a registered name (or, with files, an exported .onnx/.json path)."""
+    if name in policy_registry() or (files and str(name).endswith((".onnx", ".json"))):
+        return name
+    more = " or the path of an exported policy (.onnx)" if files else ""
+    raise ValueError(f"{key}={name!r} is not a policy; choose one of {sorted(policy_registry())}{more}")
+
+
 def make_policy(name: str | ReusePolicy | None, **knobs: Any) -> ReusePolicy:
     """Build a policy by registry name (`full`, `dual_cache`, ...) or from the path of an exported learned policy."""
     if isinstance(name, ReusePolicy):

@@ -47,12 +47,11 @@ def _env_kwargs(cfg: Any) -> tuple[dict[str, Any], str]:
     if not b.allow_random_model:
         raise FileNotFoundError(f"no checkpoint at {path}: train it with `python train.py mode=pretrain` (or set "
                                 "env_benchmark.allow_random_model=true)")
-    from cache_core.bench.pretrain import model_config_from
     from cache_core.models import LLaDAModel
     from cache_core.tokenizer import Tokenizer
 
     tok = Tokenizer()
-    model_cfg = model_config_from(cfg.model, tok)
+    model_cfg = cfg.model.to_model_config(tok)
     torch.manual_seed(0)
     model = LLaDAModel(model_cfg).eval()
     log.warning("no checkpoint at %s: benchmarking a randomly initialised model of the same shape", path)

@@ -126,7 +126,9 @@ def collect(env: BlockReuseEnv, settings: CollectConfig, run: Any = None) -> dic
         "split": env.prompts.split, "behaviour": {**asdict(s.behaviour), **behaviour.describe()},
         "env": env.describe(), "seed": seed,
     }
-    writer = ShardWriter(s.output_dir, s.shard_size, manifest, overwrite=s.overwrite)
+    from cache_core.bench.tracking import per_job
+
+    writer = ShardWriter(per_job(s.output_dir), s.shard_size, manifest, overwrite=s.overwrite)
     started = time.perf_counter()
     per_behaviour: dict[str, list[dict[str, float]]] = defaultdict(list)
     bar = tqdm(range(episodes), desc="collect", unit="episode", disable=not s.progress_bar, mininterval=1.0)

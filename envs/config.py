@@ -3,7 +3,8 @@
 - `EnvConfig`: what an episode is. `BlockReuseEnv(**settings)`, `gym.make(ENV_ID, **settings)` and Hydra's `env`
   group all end here, so a wrong value is refused with its key whichever way the env was built. Its defaults are the
   env's own (a Gymnasium env must work from its id alone: `gym.make(ENV_ID)` runs the built-in model); the `env`
-  config group sets only what a job takes from other groups.
+  config group sets what a job takes from other groups and the project's training prompts, and leaves the rest to
+  these defaults (the one exception to "defaults in YAML only").
 - `CollectConfig` (`collect` group) and `EnvBenchmarkConfig` (`env_benchmark` group): their defaults are in YAML
   only (`conf/<group>/default.yaml`); these classes type and check them (registered with Hydra's ConfigStore by
   `policies.config.register_configs`).
@@ -12,19 +13,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
 
 from cache_core import validate as v
 from cache_core.actions import ACTION_MODES
-from cache_core.bench.tasks import BUILTIN_TASKS
+from cache_core.bench import BUILTIN_MODEL
+from cache_core.bench.tasks import BUILTIN_TASKS, SPLITS
+from cache_core.registry import check_policy_name
 from cache_core.session import validate_generation_args
 
 PROMPT_ORDERS = ("random", "cycle")
 RANDOM_SCOPES = ("step", "episode")
-BUILTIN_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "builtin"
 
 
 def parse_budget(budget: Any, key: str = "budget") -> tuple[float, float] | None:
@@ -177,6 +178,7 @@ class BehaviourConfig:
         v.fraction("collect.behaviour.random_prob", self.random_prob, open_low=False)
         v.choice("collect.behaviour.random_scope", self.random_scope, RANDOM_SCOPES)
         for i, entry in enumerate(self.policies):
+            check_policy_name(f"collect.behaviour.policies[{i}].name", entry.name)
             v.number(f"collect.behaviour.policies[{i}].weight", entry.weight, low=0.0)
         if not self.policies and self.random_prob < 1.0:
             raise ValueError("collect.behaviour.policies is empty: list at least one policy or set "
@@ -198,6 +200,7 @@ class CollectConfig:
     behaviour: BehaviourConfig = MISSING
 
     def __post_init__(self) -> None:
+        v.choice("collect.split", self.split, SPLITS)
         v.number("collect.n_prompts", self.n_prompts, integer=True, low=1)
         v.number("collect.episodes", self.episodes, integer=True, low=1)
         v.number("collect.shard_size", self.shard_size, integer=True, low=1)
@@ -220,3 +223,5 @@ class EnvBenchmarkConfig:
     def __post_init__(self) -> None:
         for key in ("n_envs", "single_steps", "vec_steps", "n_prompts"):
             v.number(f"env_benchmark.{key}", getattr(self, key), integer=True, low=1)
+        v.choice("env_benchmark.split", self.split, SPLITS)
+        check_policy_name("env_benchmark.policy", self.policy)

@@ -165,7 +165,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = directory / MANIFEST_FILE
     if not path.is_file():
         raise ShardFormatError(f"{directory}: no {MANIFEST_FILE}, so this is not a shard directory; {RECOLLECT}")
-    manifest = read_json_object(path, "shard manifest (corrupt)", ShardFormatError, RECOLLECT)
+    manifest = read_json_object(path, "shard manifest", ShardFormatError, f"the file is corrupt; {RECOLLECT}")
     version = manifest.get("format_version")
     if version != SHARD_FORMAT_VERSION:
         raise ShardFormatError(

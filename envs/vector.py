@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from envs.block_reuse_env import BlockReuseEnv
+from envs.block_reuse_env import ENV_ID, BlockReuseEnv
 
 WORKER_THREADS = 1
 
@@ -36,15 +36,25 @@ def make_sb3_vec_env(env_kwargs: dict[str, Any], n_envs: int, subproc: bool = Tr
                         wrapper_class=None if monitor else (lambda env: env))
 
 
+def _gym_worker_env(threads: int | None, env_kwargs: dict[str, Any]):
+    """gym.make(ENV_ID, ...) (the registered env with Gymnasium's wrappers and spec) after setting the threads."""
+    import gymnasium as gym
+
+    from cache_core.runtime import set_threads
+
+    set_threads(threads)
+    return gym.make(ENV_ID, **env_kwargs)
+
+
 def make_gym_vec_env(env_kwargs: dict[str, Any], n_envs: int, mode: str = "sync"):
     """A Gymnasium vector env of n_envs BlockReuseEnvs; mode 'sync' (in-process) or 'async' (a worker process each,
-    `WORKER_THREADS` torch thread per worker). `gym.make_vec(ENV_ID, ...)` works too, with the workers' default
-    threads."""
+    `WORKER_THREADS` torch thread per worker; `gym.make_vec(ENV_ID, ...)` works too, with the workers' default
+    threads)."""
     import gymnasium as gym
 
     if mode == "sync":
-        return gym.vector.SyncVectorEnv([partial(BlockReuseEnv, **env_kwargs)] * n_envs)
+        return gym.vector.SyncVectorEnv([partial(gym.make, ENV_ID, **env_kwargs)] * n_envs)
     if mode == "async":
-        return gym.vector.AsyncVectorEnv([partial(worker_env, WORKER_THREADS, **env_kwargs)] * n_envs)
+        return gym.vector.AsyncVectorEnv([partial(_gym_worker_env, WORKER_THREADS, env_kwargs)] * n_envs)
     raise ValueError(f"unknown vector mode {mode!r}; use 'sync' or 'async'")
 

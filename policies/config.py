@@ -1,10 +1,11 @@
 """Typed configs of every job: one dataclass per config group, registered with Hydra's ConfigStore as the group's
 schema, and `RootConfig`, the whole tree a job reads.
 
-Defaults live in YAML only (`conf/<group>/*.yaml`, each extending its group's `schema`); the dataclasses give every
-key a type (Hydra refuses `evaluate.n_examples=abc` when composing) and check values in `__post_init__` when the
-composed config becomes a `RootConfig` (`typed(cfg)`), so `evaluate.n_examples=-3` is refused with that key's name
-before any job starts. Jobs read attributes of the typed tree; no job repeats a default.
+Defaults live in YAML only (`conf/<group>/*.yaml`, each extending its group's `schema`; the env group's own
+defaults are `envs.config.EnvConfig`'s, since a Gymnasium env must carry them). The dataclasses give every key a type
+(Hydra refuses `evaluate.n_examples=abc` when composing) and check values in `__post_init__` when the composed config
+becomes a `RootConfig` (`typed(cfg)`), so `evaluate.n_examples=-3` is refused with that key's name before any job
+starts. Jobs read attributes of the typed tree; no job repeats a default.
 
     from policies.config import compose
     cfg = compose(["mode=evaluate", "evaluate.n_examples=32"])   # RootConfig, outside any Hydra app
@@ -13,7 +14,7 @@ before any job starts. Jobs read attributes of the typed tree; no job repeats a 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,17 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cache_core import validate as v
 from cache_core.actions import ACTION_MODES
+from cache_core.bench import REPO_ROOT
 from cache_core.bench.config import BenchmarkConfig, BuiltinModelConfig, GenerationConfig, PretrainConfig, TaskConfig
 from cache_core.bench.tasks import SPLITS
 from cache_core.bench.tracking import LoggerConfig
+from cache_core.registry import check_policy_name
 from envs.config import CollectConfig, EnvBenchmarkConfig, EnvConfig
+from policies.predictor import ARCHS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
-ARCHS = ("mlp", "transformer")
+# The jobs of train.py (its MODES maps each but `main` to the module that runs it).
+JOB_MODES = ("main", "pretrain", "benchmark", "collect", "env_benchmark", "supervised", "rl", "export", "evaluate")
 GROUP_BY = ("episode", "prompt")
 LABEL_WEIGHTINGS = ("none", "attention")
 
@@ -326,6 +330,8 @@ class EvaluateConfig:
         v.numbers(p + "batch_sizes", self.batch_sizes, integer=True, low=1)
         v.numbers(p + "thresholds", self.thresholds, optional=True, low=0.0, high=1.0)
         v.numbers(p + "budgets", self.budgets, optional=True, low=0.0, high=1.0, open_low=True)
+        for i, name in enumerate(self.heuristics or []):
+            check_policy_name(f"{p}heuristics[{i}]", name, files=False)
         v.fraction(p + "max_em_loss", self.max_em_loss, open_low=False)
         v.fraction(p + "min_agreement", self.min_agreement, open_low=False)
         v.text(p + "name", self.name)
@@ -360,8 +366,13 @@ class RootConfig:
     export: ExportConfig = MISSING
 
     def __post_init__(self) -> None:
+        v.choice("mode", self.mode, JOB_MODES)
         v.number("seed", self.seed, integer=True)
         v.number("threads", self.threads, integer=True, low=1, optional=True)
+        try:  # rl.env sits on top of the env group: the pair must make a valid env
+            replace(self.env, **self.rl.env)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"rl.env (on top of the env group): {err}") from None
 
 
 # group -> schema, the order of RootConfig's fields

@@ -32,7 +32,7 @@ from cache_core.bench.benchmark import (
 )
 from cache_core.cache import RefreshPlan
 from cache_core.features import GLOBAL_FEATURE_NAMES, StepFeatures
-from cache_core.learned import LearnedPolicy, read_manifest
+from cache_core.learned import LearnedPolicy, policy_files, read_manifest
 from cache_core.policy import ReusePolicy, StepContext
 from policies.config import LearnedEntry, RootConfig
 
@@ -47,11 +47,22 @@ class BudgetedPolicy(ReusePolicy):
     uses_features = True
     knob = "budget"
 
-    def __init__(self, inner: LearnedPolicy, budget: float):
+    def __init__(self, inner: ReusePolicy, budget: float):
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget={budget} must lie in (0, 1]")
         self.inner, self.budget = inner, float(budget)
         self.name = inner.name
+        # What the inner policy declares, so the driver treats the pair as it treats the inner policy.
+        self.uses_attention, self.refresh_at_block_start = inner.uses_attention, inner.refresh_at_block_start
+
+    def reset(self, batch_size: int) -> None:
+        self.inner.reset(batch_size)
+
+    def on_block_start(self, ctx: StepContext) -> None:
+        self.inner.on_block_start(ctx)
+
+    def on_step_end(self, ctx: StepContext, result: Any) -> None:
+        self.inner.on_step_end(ctx, result)
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
         global_ = features.global_.clone()
@@ -70,7 +81,7 @@ def learned_specs(entries: list[LearnedEntry], thresholds: list[float] | None = 
     specs = []
     for entry in entries:
         name, path, required = entry.name, Path(entry.path), entry.required
-        if not path.with_suffix(".onnx").is_file():
+        if not policy_files(path)[0].is_file():
             if required:
                 raise FileNotFoundError(f"learned policy {name!r}: {path} does not exist (export it with "
                                         "`python train.py mode=export`, or drop it from evaluate.learned)")
@@ -165,13 +176,13 @@ def run(cfg: RootConfig) -> dict[str, Any]:
         meta = {"model": str(cfg.paths.model), "split": e.split, "n_examples": len(examples), "generation": gen,
                 "threads": torch.get_num_threads(), "learned": [tracking.plain_config(x) for x in e.learned],
                 "summary": summary}
-        out = write_results(rows, e.output_dir, e.name, meta)
+        out = write_results(rows, tracking.per_job(e.output_dir), e.name, meta)
         summary_text = print_summary(summary, e.max_em_loss, e.min_agreement)
         Path(out["table"]).write_text(Path(out["table"]).read_text() + "\n" + summary_text + "\n")
         log_results(run, rows, out, e.name)
         run.summary({"n_examples": len(examples), "learned": learned_names})
     finally:
         run.finish()
-    print(f"evaluate files (run directory {Path(e.output_dir)}):\n  JSON: {out['json']}\n  table: {out['table']}\n"
+    print(f"evaluate files (in {Path(out['json']).parent}):\n  JSON: {out['json']}\n  table: {out['table']}\n"
           f"  plot: {out['plot']}")
     return {**out, "summary": summary}

@@ -40,7 +40,7 @@ from cache_core.features import (
     SCHEMA_ID,
     SCHEMA_VERSION,
 )
-from cache_core.learned import POLICY_FORMAT, POLICY_FORMAT_VERSION
+from cache_core.learned import POLICY_FORMAT, POLICY_FORMAT_VERSION, policy_files
 
 log = logging.getLogger(__name__)
 INPUT_NAME = "features"
@@ -48,12 +48,7 @@ OPSET = 17
 N_FEATURES = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
 
 
-def policy_paths(path: str | Path) -> tuple[Path, Path]:
-    """`<path>.onnx`, `<path>.json` for a path given with or without either suffix."""
-    path = Path(path)
-    if path.suffix in (".onnx", ".json"):
-        path = path.with_suffix("")
-    return path.parent / (path.name + ".onnx"), path.parent / (path.name + ".json")
+policy_paths = policy_files  # `<path>.onnx`, `<path>.json` (cache_core.learned.policy_files)
 
 
 class _Graph(nn.Module):

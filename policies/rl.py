@@ -11,8 +11,8 @@
 
 One function does the job top to bottom (`train_agent`): vectorised envs (`make_vec_env` with `SubprocVecEnv`),
 the per-block actor-critic (`policies.rl_policy`), callbacks (episode metrics, evaluation of the exported policy on
-validation prompts across budgets, checkpoints, W&B through `policies.tracking`), `learn`, then the export of the
-deterministic policy through `policies.export.export_onnx` (output `action_logits`) into the run directory
+validation prompts across budgets, checkpoints, W&B through `cache_core.bench.tracking`), `learn`, then the export of
+the deterministic policy through `policies.export.export_onnx` (output `action_logits`) into the run directory
 (`rl_agent.{onnx,json}`); `mode=export export.source=<run>/rl_agent.onnx export.path=...` ships it.
 
 Budget conditioning: with `rl.env.budget: [low, high]` every episode draws its FLOP budget from that range; the agent
@@ -40,6 +40,7 @@ import torch
 from cache_core.actions import check_action_mode
 from cache_core.bench import tracking
 from cache_core.features import BLOCK_FEATURE_NAMES, GLOBAL_FEATURE_NAMES
+from cache_core.learned import policy_files, read_manifest
 from envs.config import EnvConfig
 from policies.config import LoggerConfig, RLConfig, RLPolicyConfig, RootConfig
 from policies.predictor import read_predictor
@@ -283,7 +284,7 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
             sb3_logger.output_formats.append(WandbOutputFormat(run))
         model.set_logger(sb3_logger)
 
-        ckpt_dir = Path(rl.checkpoint.dir)
+        ckpt_dir = tracking.per_job(rl.checkpoint.dir)
 
         def export_for_eval(m: Any, path: Path) -> Path:
             return export_agent(m, path, n_layers=eval_env.n_layers, budget_conditioned=budget_conditioned)
@@ -299,9 +300,7 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
             callbacks.append(ProvenanceCheckpointCallback(max(rl.checkpoint.freq // rl.n_envs, 1), str(ckpt_dir),
                                                           name_prefix="rl_agent"))
         if run.active:
-            from wandb.integration.sb3 import WandbCallback
-
-            callbacks.append(WandbCallback(verbose=0))  # the algorithm's hyperparameters into the run's config
+            callbacks.append(run.sb3_callback())
 
         remaining = max(rl.total_timesteps - int(model.num_timesteps), 0)
         if remaining:
@@ -312,7 +311,7 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
         # --- export ---
         history = evaluator.history
         chosen = history[-1] if history else None
-        if rl.export.which == "best" and evaluator.best_path is not None and evaluator.best_path.exists():
+        if rl.export.which == "best" and history and evaluator.best_saved:  # this run's best, not a stale file
             best = load_agent(evaluator.best_path, device=rl.device)
             model.policy.load_state_dict(best.policy.state_dict())
             chosen = max(history, key=lambda e: e["score"])
@@ -322,11 +321,10 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
                   "checkpoint": str(final_zip), "seed": rl.seed, "env": _plain(env_kwargs),
                   "warm_start": warm, "eval_budgets": budgets, "eval_split": eval_env.prompts.split,
                   "eval_prompts": len(eval_env.prompts)}
-        onnx_path = export_agent(model, tracking.per_job(Path(rl.export.path).with_suffix(".onnx"), file=True),
+        onnx_path = export_agent(model, tracking.per_job(policy_files(rl.export.path)[0], file=True),
                                  n_layers=eval_env.n_layers, budget_conditioned=budget_conditioned, source=source,
                                  metrics=metrics, default_budget=default_budget(settings.budget, rl.export.budget))
-        manifest = json.loads(onnx_path.with_suffix(".json").read_text())
-        run.log_artifact([onnx_path, onnx_path.with_suffix(".json")], "rl_agent", metadata=manifest)
+        run.log_artifact(list(policy_files(onnx_path)), "rl_agent", metadata=read_manifest(onnx_path))
         result = {"policy": str(onnx_path), "checkpoint": str(final_zip), "timesteps": int(model.num_timesteps),
                   "stopped_by_time_limit": time_limit.stopped_early,
                   "budget_conditioned": budget_conditioned, "eval": history, "exported_eval": metrics,

@@ -197,6 +197,7 @@ class GenerationEvalCallback(BaseCallback):
         self.best_path = None if best_path is None else Path(best_path)
         self.at_start = at_start
         self.best_score = -math.inf
+        self.best_saved = False  # whether this run wrote best_path
         self.history: list[dict[str, Any]] = []
         self._references: list[list[int]] | None = None
         self._last_eval = -1
@@ -240,6 +241,7 @@ class GenerationEvalCallback(BaseCallback):
             self.best_score = score
             if self.best_path is not None:
                 save_agent(self.model, self.best_path, {"eval": entry})
+                self.best_saved = True
         self.logger.record("eval/best_score", self.best_score)
         self.logger.dump(self.num_timesteps)
         summary = ", ".join(f"b={r['budget']}: em {r['exact_match']:.3f} flops {r['flop_fraction']:.3f}"
@@ -251,8 +253,8 @@ class GenerationEvalCallback(BaseCallback):
 
 # --- W&B -----------------------------------------------------------------------------------------------------------
 class WandbOutputFormat(KVWriter):
-    """SB3 logger output that sends every dumped scalar to the job's W&B run (`policies.tracking.Run`; step = env
-    timesteps)."""
+    """SB3 logger output that sends every dumped scalar to the job's W&B run (`cache_core.bench.tracking.Run`;
+    step = env timesteps)."""
 
     def __init__(self, run: Any):
         self.run = run

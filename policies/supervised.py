@@ -20,10 +20,10 @@ recall / predicted refresh rate at the default threshold, and every `policy.gene
 (and after the last) exact match, agreement with no-cache and FLOP fraction of the live network in real generation on
 a few validation-split prompts (the network wrapped as a `ReusePolicy` in-process, no export).
 
-Checkpoints go to `policy.checkpoint_dir` (the run directory's checkpoints/; in a multirun every job gets
-`<checkpoint_dir>/job<num>`); `policy.resume=<earlier run>/checkpoints/last.ckpt` continues an earlier run. The best
-checkpoint is exported into the run directory (`predictor.onnx/.json/.safetensors`) and logged as a W&B artifact;
-`mode=export` ships a policy elsewhere.
+Checkpoints go to `policy.checkpoint_dir` (the run directory's checkpoints/; in a multirun a directory outside the
+job's run directory gets a `job<num>` part); `policy.resume=<earlier run>/checkpoints/last.ckpt` continues an
+earlier run. The best checkpoint is exported into the run directory (`predictor.onnx/.json/.safetensors`) and logged
+as a W&B artifact; `mode=export` ships a policy elsewhere.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ def test_writer_refuses_existing_directory(collected):
     ({"random_prob": 1.5, "policies": []}, r"collect.behaviour.random_prob=1.5 must be <= 1"),
     ({"random_scope": "block", "policies": [{"name": "full"}]}, r"collect.behaviour.random_scope='block'"),
     ({"random_prob": 0.1, "policies": []}, "empty"),
-    ({"policies": [{"name": "no_such_policy"}]}, "unknown policy"),
+    ({"policies": [{"name": "nope"}]}, r"collect.behaviour.policies\[0\].name='nope' is not a policy"),
     ({"policies": [{"name": "full", "values": [1]}]}, "no knob"),
     ({"policies": [{"name": "dual_cache", "values": [0]}]}, "refresh_interval"),
     ({"policies": [{"name": "full", "colour": "red"}]}, "colour"),

@@ -51,16 +51,18 @@ def test_learned_policy_on_cuda(models) -> None:
 
 
 def test_pretrain_on_gpu(tmp_path) -> None:
+    from helpers import compose_cfg
     from test_pretrain import TINY
 
-    from cache_core.bench.pretrain import run, standalone_config
+    from cache_core.bench.pretrain import run
     from cache_core.checkpoint import load_model
 
-    cfg = standalone_config([f"model.{k}={v}" for k, v in TINY.items()] + [
-        "pretrain.accelerator=gpu", "pretrain.steps=4", "pretrain.batch_size=4", "pretrain.warmup_steps=2",
-        "pretrain.eval_every=2", "pretrain.eval_examples=3", "pretrain.test_examples=3", "pretrain.eval_steps=4",
-        f"pretrain.output_dir={tmp_path}", "pretrain.name=tiny", "pretrain.max_minutes=5",
-    ])
+    cfg = compose_cfg(tmp_path, *[f"model.{k}={v}" for k, v in TINY.items()],
+                      "pretrain.accelerator=gpu", "pretrain.steps=4", "pretrain.batch_size=4",
+                      "pretrain.warmup_steps=2", "pretrain.eval_every=2", "pretrain.eval_examples=3",
+                      "pretrain.test_examples=3",
+                      "pretrain.eval_steps=4", f"pretrain.output_dir={tmp_path}", "pretrain.name=tiny",
+                      "pretrain.max_minutes=5")
     result = run(cfg)
     assert result["steps"] == 4
     loaded = load_model(tmp_path / "tiny")  # written from GPU tensors, loads on the CPU

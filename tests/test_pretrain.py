@@ -9,7 +9,6 @@ from cache_core.bench.pretrain import (
     collate,
     diffusion_loss,
     left_pad,
-    model_config_from,
     noise_mask,
     run,
 )
@@ -83,12 +82,12 @@ def test_noise_mask_semi_autoregressive_rows():
     assert 0.4 < is_suffix.float().mean() < 0.65  # about half the rows (+ rare i.i.d. rows of that shape)
 
 
-def test_model_config_from_fills_tokenizer_ids():
+def test_model_group_fills_tokenizer_ids(tmp_path):
     tok = Tokenizer()
-    cfg = model_config_from({"vocab_size": None, "mask_token_id": None, **TINY, "checkpoint": "ignored"}, tok)
-    assert (cfg.vocab_size, cfg.mask_token_id) == (tok.vocab_size, tok.mask_token_id)
-    with pytest.raises(ValueError, match="do not fit the tokenizer"):
-        model_config_from({"vocab_size": 10, "mask_token_id": 1, **TINY}, tok)
+    cfg = compose_cfg(tmp_path, *[f"model.{k}={v}" for k, v in TINY.items()]).model.to_model_config(tok)
+    assert (cfg.vocab_size, cfg.mask_token_id, cfg.d_model) == (tok.vocab_size, tok.mask_token_id, 32)
+    with pytest.raises(ValueError, match="model.vocab_size=10 / model.mask_token_id=1 do not fit the tokenizer"):
+        compose_cfg(tmp_path, "model.vocab_size=10", "model.mask_token_id=1").model.to_model_config(tok)
 
 
 def test_pretrain_smoke_run_writes_loadable_checkpoint(tmp_path):

@@ -40,6 +40,8 @@ def test_offline_run_holds_metrics_config_and_artifact(offline_run):
     assert "block-predictor" in found["artifacts"]
     assert {"predictor.onnx", "predictor.json", "predictor.safetensors"} <= found["artifact_files"]
     assert {"tiny", "supervised", "blockreuse"} <= found["run"]
+    staged = list((tmp / "out" / "wandb" / "artifacts").rglob("*"))  # W&B's artifact staging stays with the run
+    assert staged, sorted(p.name for p in (tmp / "out" / "wandb").iterdir())
 
 
 def test_logger_none_writes_no_run(tmp_path):

@@ -223,7 +223,7 @@ def run(cfg: Any) -> dict:
                                  examples_per_batch_size=caps)
         meta = {"model": str(cfg.paths.model), "split": b.split, "n_examples": len(examples), "caps": caps,
                 "generation": gen, "threads": torch.get_num_threads(), "device": str(model.device)}
-        out = write_results(rows, b.output_dir, "benchmark", meta)
+        out = write_results(rows, tracking.per_job(b.output_dir), "benchmark", meta)
         log_results(run, rows, out, "benchmark")
     finally:
         run.finish()

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 from cache_core import validate as v
 from cache_core.bench.tasks import SPLITS, TASK_NAMES
+from cache_core.registry import check_policy_name
 from cache_core.session import REMASKING, validate_generation_args
 
 
@@ -81,6 +82,24 @@ class BuiltinModelConfig:
         v.number("model.rope_theta", self.rope_theta, low=0.0, open_low=True)
         v.number("model.rms_norm_eps", self.rms_norm_eps, low=0.0, open_low=True)
 
+    def to_model_config(self, tok: Any) -> Any:
+        """The `cache_core.models.ModelConfig` of this shape; vocab_size / mask_token_id left null come from the
+        tokenizer, and numbers given must fit it."""
+        from dataclasses import asdict
+
+        from cache_core.models import ModelConfig
+
+        fields = {k: val for k, val in asdict(self).items() if k in ModelConfig.field_names()}
+        if fields["vocab_size"] is None:
+            fields["vocab_size"] = tok.vocab_size
+        if fields["mask_token_id"] is None:
+            fields["mask_token_id"] = tok.mask_token_id
+        if fields["vocab_size"] < tok.vocab_size or fields["mask_token_id"] != tok.mask_token_id:
+            raise ValueError(f"model.vocab_size={fields['vocab_size']} / model.mask_token_id={fields['mask_token_id']} "
+                             f"do not fit the tokenizer (vocab {tok.vocab_size}, mask id {tok.mask_token_id}); set "
+                             "them to null")
+        return ModelConfig(**fields)
+
 
 @dataclass
 class PretrainConfig:
@@ -138,6 +157,8 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         v.choice("benchmark.split", self.split, SPLITS)
+        for i, name in enumerate(self.policies or []):
+            check_policy_name(f"benchmark.policies[{i}]", name, files=False)
         v.number("benchmark.n_examples", self.n_examples, integer=True, low=1)
         v.numbers("benchmark.batch_sizes", self.batch_sizes, integer=True, low=1)
         for size, cap in self.examples_per_batch_size.items():

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from cache_core.models import LLaDAModel, ModelConfig
 from cache_core.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- batches ----------------------------------------------------------------------------------------------------
@@ -285,26 +284,6 @@ class ProgressAndEval(L.Callback):
 
 # --- entry point ------------------------------------------------------------------------------------------------
 
-def model_config_from(model: Any, tok: Tokenizer) -> ModelConfig:
-    """ModelConfig from the `model` config group (a BuiltinModelConfig or a dict); vocab_size / mask_token_id left
-    null come from the tokenizer."""
-    raw = asdict(model) if is_dataclass(model) else dict(model)
-    fields = {k: v for k, v in raw.items() if k in ModelConfig.field_names()}
-    if fields.get("vocab_size") is None:
-        fields["vocab_size"] = tok.vocab_size
-    if fields.get("mask_token_id") is None:
-        fields["mask_token_id"] = tok.mask_token_id
-    if fields["vocab_size"] < tok.vocab_size or fields["mask_token_id"] != tok.mask_token_id:
-        raise ValueError(f"model vocab_size={fields['vocab_size']} / mask_token_id={fields['mask_token_id']} do not "
-                         f"fit the tokenizer (vocab {tok.vocab_size}, mask id {tok.mask_token_id}); set them to null")
-    return ModelConfig(**fields)
-
-
-def _resolve(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path  # independent of Hydra's working directory
-
-
 def run(cfg: Any) -> dict[str, Any]:
     """Train the built-in model per cfg.model / cfg.task / cfg.pretrain (cfg: policies.config.RootConfig); write
     <pretrain.output_dir>/<pretrain.name>/; return metrics."""
@@ -314,8 +293,8 @@ def run(cfg: Any) -> dict[str, Any]:
     L.seed_everything(pcfg.seed, workers=True, verbose=False)
     tok = Tokenizer()
     suite = TaskSuite(list(tcfg.tasks), seed=tcfg.seed)
-    model_cfg = model_config_from(cfg.model, tok)
-    out_dir = _resolve(pcfg.output_dir) / pcfg.name
+    model_cfg = cfg.model.to_model_config(tok)
+    out_dir = Path(pcfg.output_dir) / pcfg.name
     val = suite.split("validation", pcfg.eval_examples)
     extra = {"task": {"tasks": list(tcfg.tasks), "seed": tcfg.seed, "gen_length": GEN_LENGTH,
                       "block_length": BLOCK_LENGTH},
@@ -330,7 +309,7 @@ def run(cfg: Any) -> dict[str, Any]:
         # Continue from a saved checkpoint (same architecture), e.g. to train a stopped run further.
         from cache_core.checkpoint import load_model
 
-        init = load_model(_resolve(pcfg.init_from))
+        init = load_model(pcfg.init_from)
         if init.config != model_cfg:
             raise ValueError(f"pretrain.init_from={pcfg.init_from} has config {init.config}, but the model group asks "
                              f"for {model_cfg}; make them match")

@@ -27,6 +27,8 @@ from omegaconf import MISSING
 
 from cache_core import validate as v
 
+_WANDB_DIRS = ("WANDB_DATA_DIR", "WANDB_CACHE_DIR")
+_USER_WANDB_DIRS = {variable: os.environ.get(variable) for variable in _WANDB_DIRS}  # as the process started
 LOGGER_BACKENDS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 
@@ -96,6 +98,11 @@ def _init_kwargs(logger: LoggerConfig, job_type: str) -> dict[str, Any]:
     save_dir = Path(logger.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_SILENT", "true")
+    # W&B's artifact staging and its cache (debug logs included) would go under ~/.local and ~/.cache: keep them with
+    # this run, unless the user pointed them elsewhere. Its settings and login stay where the user keeps them.
+    for variable in _WANDB_DIRS:
+        if _USER_WANDB_DIRS[variable] is None:
+            os.environ[variable] = str(save_dir / "wandb")
     return {"project": logger.project, "entity": logger.entity, "name": name, "group": group,
             "tags": list(logger.tags), "job_type": job_type, "mode": logger.mode, "dir": str(save_dir)}
 
@@ -159,6 +166,14 @@ class Run:
         import wandb
 
         self.wandb_run.log({key: wandb.Image(str(path))})
+
+    def sb3_callback(self) -> Any | None:
+        """SB3's W&B callback (the algorithm's hyperparameters into the run's config), or None when logging is off."""
+        if self.wandb_run is None:
+            return None
+        from wandb.integration.sb3 import WandbCallback
+
+        return WandbCallback(verbose=0)
 
     def finish(self) -> None:
         if self.wandb_run is not None:

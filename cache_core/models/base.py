@@ -11,8 +11,9 @@ The engine talks to every family through `DiffusionModel`:
 
 Both forwards are written here once, over five per-layer primitives a family implements (`embed`, `layer_qkv`,
 `layer_finish`, `value_probe`, `lm_head`), so a new transformer family (Dream, an MoE) is its layer maths plus a
-config reader; a family whose compute does not fit these primitives overrides the forwards instead. Loading is the
-family's classmethods `config_from_dict` and `checkpoint_state` (see `cache_core.checkpoint`).
+config reader; a family whose compute does not fit these primitives overrides the forwards instead. Loading and
+saving use the classmethod `config_from_dict` and the methods `checkpoint_tensors`, `checkpoint_state` and
+`config_dict` (see `cache_core.checkpoint`).
 """
 
 from __future__ import annotations
