@@ -61,7 +61,7 @@ def apply_threads(threads: int | None) -> int:
 def main(cfg: DictConfig) -> dict:
     os.environ.setdefault("WANDB_MODE", "offline")  # never reach for the network unless asked (logger.mode=online)
     config = typed(cfg)  # every group checked before any job starts (the mode too): a bad value names its key
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))  # also in <run dir>/.hydra/config.yaml
     log.info("torch threads: %d; run directory: %s", apply_threads(config.threads), config.paths.output)
     if config.mode != "main":
         return run_mode(config.mode, config)

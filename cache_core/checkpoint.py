@@ -80,7 +80,12 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
             f"that the weights use {family.weight_names_hint}"
         )
     for name, shape in expected.items():
-        if tensors[name].shape != shape:
+        tensor = tensors[name]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{directory}: {name} holds {bad} NaN/inf values; the checkpoint is corrupt (a "
+                                  "diverged training run or a damaged file): re-download or re-train it")
+        if tensor.shape != shape:
             raise CheckpointError(
                 f"{directory}: {name} has shape {tuple(tensors[name].shape)} but config.json implies {tuple(shape)}; "
                 f"the config does not describe these weights (check {family.shape_keys})"

@@ -37,6 +37,9 @@ def generate(model: DiffusionModel, prompts: list[list[int]] | list[torch.Tensor
         budget = policy.default_budget
     if budget is not None and not 0.0 < budget <= 1.0:
         raise ValueError(f"budget={budget} must lie in (0, 1]")
+    if budget is not None and not policy.budget_conditioned:
+        raise ValueError(f"budget={budget} was given, but policy {policy.describe()['policy']!r} is not "
+                         "budget-conditioned and would ignore it; drop budget= (or use a budget-conditioned policy)")
     # Attention traces cost a softmax per traced layer: all layers for attention-reading rules (Elastic-Cache),
     # only the last for the feature schema's attention columns, none otherwise.
     trace = True if policy.uses_attention else "last" if policy.uses_features else False

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache_core.actions import ACTION_MODES, OUTPUTS, plan_from_output
+from cache_core import validate as v
+from cache_core.actions import ACTION_MODES, OUTPUTS, n_actions, plan_from_output
 from cache_core.cache import RefreshPlan
-from cache_core.features import SCHEMA_ID, StepFeatures
+from cache_core.features import BLOCK_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID, StepFeatures
 from cache_core.policy import ReusePolicy, StepContext
-from cache_core.validate import read_json_object
 
 POLICY_FORMAT = "blockreuse-policy"
 POLICY_FORMAT_VERSION = 1
@@ -45,10 +45,15 @@ def policy_files(path: str | Path) -> tuple[Path, Path]:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    mpath = policy_files(path)[1]
+    """The manifest of an exported policy, every field checked (types included)."""
+    onnx_path, mpath = policy_files(path)
     if not mpath.exists():
-        raise PolicyFileError(f"{mpath}: no manifest beside the policy file; re-export with `train.py mode=export`")
-    manifest = read_json_object(mpath, "policy manifest", PolicyFileError, "re-export the policy")
+        if not onnx_path.exists():
+            raise PolicyFileError(f"{path}: no such policy file (an exported policy is <name>.onnx + <name>.json; "
+                                  "python train.py mode=export writes one)")
+        raise PolicyFileError(f"{onnx_path}: no manifest {mpath.name} beside this ONNX file; re-export the policy "
+                              "with `python train.py mode=export`")
+    manifest = v.read_json_object(mpath, "policy manifest", PolicyFileError, "re-export the policy")
     if manifest.get("format") != POLICY_FORMAT:
         raise PolicyFileError(f"{mpath}: not a {POLICY_FORMAT} manifest (format={manifest.get('format')!r})")
     if manifest.get("format_version") != POLICY_FORMAT_VERSION:
@@ -63,10 +68,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         )
     if manifest.get("action_mode") not in ACTION_MODES or manifest.get("output") not in OUTPUTS:
         raise PolicyFileError(f"{mpath}: action_mode must be one of {ACTION_MODES} and output one of {OUTPUTS}")
+    try:
+        v.number("n_layers", manifest.get("n_layers"), integer=True, low=1)
+        v.fraction("threshold", manifest.get("threshold", 0.5), open_low=False)
+        v.flag("budget_conditioned", manifest.get("budget_conditioned", False))
+        v.fraction("default_budget", manifest.get("default_budget"), optional=True)
+    except ValueError as err:
+        raise PolicyFileError(f"{mpath}: {err}; re-export the policy") from None
     default = manifest.get("default_budget")
-    if default is not None and not (manifest.get("budget_conditioned") and 0.0 < float(default) <= 1.0):
-        raise PolicyFileError(f"{mpath}: default_budget={default!r} needs budget_conditioned=true and a FLOP "
-                              "fraction in (0, 1]; re-export the policy")
+    if default is not None and not manifest.get("budget_conditioned"):
+        raise PolicyFileError(f"{mpath}: default_budget={default!r} needs budget_conditioned=true; re-export the "
+                              "policy")
     return manifest
 
 
@@ -107,10 +119,35 @@ class LearnedPolicy(ReusePolicy):
         self.input_name = self.session.get_inputs()[0].name
         default_budget = manifest.get("default_budget")
         self.default_budget = None if default_budget is None else float(default_budget)
+        self.budget_conditioned = bool(manifest.get("budget_conditioned", False))
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """Run the graph once on a dummy input of the schema's width: a manifest that does not fit its graph (another
+        output, action mode or input width) is refused here, not at the first generation step."""
+        x = np.zeros((1, 3, N_BLOCK_FEATURES + N_GLOBAL_FEATURES), np.float32)
+        x[..., BLOCK_FEATURE_NAMES.index("valid_fraction")] = 1.0
+        try:
+            out = self.session.run(None, {self.input_name: x})[0]
+        except Exception as err:  # onnxruntime's own error types: wrong input width or name
+            raise PolicyFileError(f"{self.path}: the graph does not take the feature schema's input (1, n_blocks, "
+                                  f"{x.shape[-1]}) ({err}); the manifest does not describe this graph") from err
+        want = (1, 3) if self.output == "refresh_logit" else (
+            1, 3, n_actions(self.action_mode, int(self.manifest["n_layers"])))
+        if tuple(out.shape) != want:
+            raise PolicyFileError(f"{self.path}: the graph outputs shape {tuple(out.shape)} where the manifest "
+                                  f"(output={self.output}, action_mode={self.action_mode}, n_layers="
+                                  f"{self.manifest['n_layers']}) implies {want}; re-export the policy")
+        if not np.isfinite(out).all():
+            raise PolicyFileError(f"{self.path}: the graph outputs NaN/inf on a plain input; the file is corrupt")
 
     def scores(self, features: StepFeatures) -> np.ndarray:
         x = features.policy_input().detach().cpu().numpy().astype(np.float32)
-        return self.session.run(None, {self.input_name: x})[0]
+        out = self.session.run(None, {self.input_name: x})[0]
+        if not np.isfinite(out).all():  # NaN would read as "reuse every block": refuse instead of caching blindly
+            raise PolicyFileError(f"{self.path}: the policy output NaN/inf for this step's features (their range: "
+                                  f"[{float(x.min()):.3g}, {float(x.max()):.3g}]); the network is broken")
+        return out
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
         if self.action_mode == "depth" and int(self.manifest.get("n_layers", -1)) != ctx.n_layers:

@@ -86,7 +86,9 @@ class ReusePolicy:
     refresh_at_block_start: ClassVar[bool] = False
     knob: ClassVar[str | None] = None  # the parameter that moves the policy from conservative to aggressive
     knob_sweep: ClassVar[tuple] = ()  # conservative -> aggressive values for the benchmark
-    # The compute budget generate() uses when given none (budget-conditioned learned policies; None: no budget).
+    # Whether the policy reads the `budget` feature (budget-conditioned learned policies); generate() refuses a budget
+    # for any other. default_budget: the budget generate() uses when given none.
+    budget_conditioned: bool = False
     default_budget: float | None = None
 
     def reset(self, batch_size: int) -> None:

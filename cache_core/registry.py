@@ -57,4 +57,7 @@ def make_policy(name: str | ReusePolicy | None, **knobs: Any) -> ReusePolicy:
         from cache_core.learned import load_policy
 
         return load_policy(name, **knobs)
+    if "/" in str(name) or "." in str(name):  # looks like a file: say which file was not found
+        raise ValueError(f"unknown policy {name!r}: not a registry name, and not an exported policy file (those end "
+                         f"in .onnx, with a .json manifest beside them); registry names: {sorted(registry)}")
     raise ValueError(f"unknown policy {name!r}; choose one of {sorted(registry)} or a path to an exported policy")

@@ -290,6 +290,9 @@ def _block_drift(cached: torch.Tensor, fresh: torch.Tensor, cache: BlockKVCache)
 
 def validate_generation_args(prompts, gen_length: int, block_length: int, steps: int | None,
                              threshold: float | None, temperature: float, remasking: str) -> None:
+    if isinstance(prompts, (str, bytes)) or (len(prompts) and isinstance(prompts[0], (str, bytes))):
+        raise TypeError("prompts are token ids, not text: encode them first, e.g. [tok.encode(text)] with the "
+                        "model's tokenizer (cache_core.load_tokenizer)")
     if len(prompts) == 0:
         raise ValueError("prompts is empty: pass at least one prompt (a list of token ids)")
     if any(len(p) == 0 for p in prompts):

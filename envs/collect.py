@@ -9,7 +9,10 @@ drawn per episode, so random actions span every compute level; in depth mode a r
 depth. The episode's heuristic still sees every step, so stateful heuristics stay in sync.
 
 Episodes cycle through the first `n_prompts` prompts of `split` (episode e plays prompt e mod n_prompts), so the
-split is covered evenly. Rows are (observation the action was taken on, action, oracle labels of that state, reward).
+split is covered evenly. Episode e draws from its own random streams (seeded by `seed` and e), and shards hold whole
+episodes written every `flush_episodes`: a killed collection loses at most those episodes, and `collect.resume=true`
+continues it to the same data an uninterrupted run writes. Rows are (observation the action was taken on, action,
+oracle labels of that state, reward).
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ class BehaviourPolicy:
 
     def __init__(self, spec: BehaviourConfig, env: BlockReuseEnv, seed: int):
         self.random_prob, self.random_scope = float(spec.random_prob), spec.random_scope
-        self.env = env
-        self.rng = np.random.default_rng(seed)
+        self.env, self.seed = env, int(seed)
+        self.rng = np.random.default_rng([self.seed])
         # Components: (policy name, knob name or None, knob value, fixed knobs), each with a weight.
         self.components: list[dict[str, Any]] = []
         weights = []
@@ -74,7 +77,9 @@ class BehaviourPolicy:
         return {"random_prob": self.random_prob, "random_scope": self.random_scope,
                 "components": [{**c, "weight": float(w)} for c, w in zip(self.components, self.weights)]}
 
-    def start_episode(self) -> None:
+    def start_episode(self, episode: int) -> None:
+        # One random stream per episode, so a resumed collection draws what an uninterrupted one would have.
+        self.rng = np.random.default_rng([self.seed, episode])
         if self.components:
             self.component = int(self.rng.choice(len(self.components), p=self.weights))
             comp = self.components[self.component]
@@ -128,13 +133,20 @@ def collect(env: BlockReuseEnv, settings: CollectConfig, run: Any = None) -> dic
     }
     from cache_core.bench.tracking import per_job
 
-    writer = ShardWriter(per_job(s.output_dir), s.shard_size, manifest, overwrite=s.overwrite)
+    writer = ShardWriter(per_job(s.output_dir), s.shard_size, manifest, overwrite=s.overwrite,
+                         flush_episodes=s.flush_episodes, resume=s.resume)
     started = time.perf_counter()
     per_behaviour: dict[str, list[dict[str, float]]] = defaultdict(list)
-    bar = tqdm(range(episodes), desc="collect", unit="episode", disable=not s.progress_bar, mininterval=1.0)
+    for summary in writer.manifest["episode_summary"]:  # a resumed collection's episodes so far
+        per_behaviour[summary["label"]].append(summary)
+    first = writer.episodes
+    bar = tqdm(range(first, episodes), desc="collect", unit="episode", disable=not s.progress_bar, mininterval=1.0,
+               initial=first, total=episodes)
     for episode in bar:
-        behaviour.start_episode()
-        obs, _ = env.reset(seed=seed if episode == 0 else None, options={"prompt_index": episode % n_prompts})
+        behaviour.start_episode(episode)
+        # Seeded per episode: episode e is the same whether the collection ran through or was resumed before it.
+        env_seed = int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
+        obs, _ = env.reset(seed=env_seed, options={"prompt_index": episode % n_prompts})
         step, done, info = 0, False, {}
         while not done:
             action, random_action = behaviour.act()
@@ -166,6 +178,7 @@ def collect(env: BlockReuseEnv, settings: CollectConfig, run: Any = None) -> dic
     every = [r for rows in per_behaviour.values() for r in rows]
     result = {
         "output_dir": str(writer.directory), "format_version": SHARD_FORMAT_VERSION, "episodes": episodes,
+        "resumed_at": first if first else None,
         "rows": manifest["rows"], "shards": len(manifest["shards"]), "seconds": seconds,
         "rows_per_second": manifest["rows"] / seconds if seconds else None,
         "flop_fraction": mean(every, "flop_fraction"), "exact_match": mean(every, "exact_match"),

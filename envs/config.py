@@ -193,8 +193,10 @@ class CollectConfig:
     n_prompts: int = MISSING
     episodes: int = MISSING
     shard_size: int = MISSING
+    flush_episodes: int | None = MISSING  # also write a shard every this many episodes (what a kill can lose)
     output_dir: str = MISSING
     overwrite: bool = MISSING
+    resume: bool = MISSING  # continue a killed collection in output_dir
     seed: int = MISSING
     progress_bar: bool = MISSING
     behaviour: BehaviourConfig = MISSING
@@ -204,6 +206,10 @@ class CollectConfig:
         v.number("collect.n_prompts", self.n_prompts, integer=True, low=1)
         v.number("collect.episodes", self.episodes, integer=True, low=1)
         v.number("collect.shard_size", self.shard_size, integer=True, low=1)
+        v.number("collect.flush_episodes", self.flush_episodes, integer=True, low=1, optional=True)
+        if self.overwrite and self.resume:
+            raise ValueError("collect.overwrite and collect.resume are exclusive: replace a collection or continue it")
+        v.number("collect.seed", self.seed, integer=True, low=0)
         v.text("collect.output_dir", self.output_dir)
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -79,32 +80,64 @@ COLUMNS: dict[str, tuple[torch.dtype, tuple[str, ...]]] = {
 RECOLLECT = "re-collect the shards with `python train.py mode=collect`"
 
 
+_SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+
+
 class ShardFormatError(ValueError):
     """A shard directory that cannot be read as this version's format and feature schema."""
 
 
 class ShardWriter:
-    """Buffers rows and writes a shard of `shard_size` rows at a time, keeping manifest.json up to date."""
+    """Buffers rows and writes whole episodes as shards, keeping manifest.json up to date (atomically) after each.
 
-    def __init__(self, directory: str | Path, shard_size: int, manifest: dict[str, Any], overwrite: bool = False):
+    A shard is written once `shard_size` rows or `flush_episodes` episodes are buffered, always at an episode's end,
+    so the manifest's episode count is what is on disk and a killed collection loses at most the episodes since the
+    last shard. `resume=True` continues a collection killed in `directory` (its manifest must be this project's, of
+    this format and schema, and not complete); `overwrite=True` replaces a collection of this project there. A
+    directory that holds anything else is never written into.
+    """
+
+    def __init__(self, directory: str | Path, shard_size: int, manifest: dict[str, Any], overwrite: bool = False,
+                 flush_episodes: int | None = None, resume: bool = False):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if flush_episodes is not None and flush_episodes < 1:
+            raise ValueError(f"flush_episodes must be >= 1 or None, got {flush_episodes}")
         self.directory = Path(directory)
-        if (self.directory / MANIFEST_FILE).exists():
+        self.shard_size, self.flush_episodes = int(shard_size), flush_episodes
+        self._buffer: dict[str, list[Any]] = {k: [] for k in COLUMNS}
+        self._buffered_episodes: list[dict[str, Any]] = []
+        existing = self.directory / MANIFEST_FILE
+        if resume and existing.exists():
+            self.manifest = read_manifest(self.directory)  # refuses another format or schema
+            if self.manifest.get("complete"):
+                raise FileExistsError(f"{self.directory} holds a complete collection: nothing to resume (choose "
+                                      "another output directory, or collect.overwrite=true to replace it)")
+            self._drop_orphans()
+            log.info("resuming the collection in %s after %d episodes (%d rows)", self.directory,
+                     self.manifest["episodes"], self.manifest["rows"])
+            return
+        if existing.exists():
             if not overwrite:
-                raise FileExistsError(f"{self.directory} already holds shards: choose another output directory or "
-                                      "set collect.overwrite=true")
-            for old in self.directory.glob("shard-*.safetensors"):
-                old.unlink()
-            (self.directory / MANIFEST_FILE).unlink()
+                raise FileExistsError(f"{self.directory} already holds shards: choose another output directory, "
+                                      "set collect.resume=true to continue a killed collection, or "
+                                      "collect.overwrite=true to replace it")
+            old = own_manifest(self.directory)  # only a collection of this project is ever deleted
+            for entry in old["shards"]:
+                (self.directory / entry["file"]).unlink(missing_ok=True)
+            existing.unlink()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.shard_size = int(shard_size)
         self.manifest = {
             "format_version": SHARD_FORMAT_VERSION, "schema_id": SCHEMA_ID, **manifest,
             "episodes": 0, "rows": 0, "shards": [], "episode_summary": [], "complete": False,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        self._buffer: dict[str, list[Any]] = {k: [] for k in COLUMNS}
+        self._write_manifest()
+
+    @property
+    def episodes(self) -> int:
+        """Episodes on disk (the next episode to collect)."""
+        return int(self.manifest["episodes"])
 
     def add(self, row: dict[str, Any]) -> None:
         missing = set(COLUMNS) - set(row)
@@ -112,8 +145,6 @@ class ShardWriter:
             raise KeyError(f"row lacks {sorted(missing)}")
         for key in COLUMNS:
             self._buffer[key].append(row[key])
-        if len(self._buffer["reward"]) >= self.shard_size:
-            self.flush()
 
     @property
     def rows(self) -> int:
@@ -121,8 +152,10 @@ class ShardWriter:
         return self.manifest["rows"] + len(self._buffer["reward"])
 
     def end_episode(self, summary: dict[str, Any]) -> None:
-        self.manifest["episodes"] += 1
-        self.manifest["episode_summary"].append(summary)
+        self._buffered_episodes.append(summary)
+        full = len(self._buffer["reward"]) >= self.shard_size
+        if full or (self.flush_episodes is not None and len(self._buffered_episodes) >= self.flush_episodes):
+            self.flush()
 
     def flush(self) -> None:
         n = len(self._buffer["reward"])
@@ -134,9 +167,14 @@ class ShardWriter:
         name = SHARD_PATTERN.format(len(self.manifest["shards"]))
         save_file(tensors, self.directory / name,
                   metadata={"format_version": str(SHARD_FORMAT_VERSION), "schema_id": SCHEMA_ID, "rows": str(n)})
+        # The shard is on disk before the manifest names it: a kill in between leaves an orphan shard, which a resume
+        # drops (its episodes are collected again) and a reader reports.
         self.manifest["shards"].append({"file": name, "rows": n})
         self.manifest["rows"] += n
+        self.manifest["episodes"] += len(self._buffered_episodes)
+        self.manifest["episode_summary"] += self._buffered_episodes
         self._buffer = {k: [] for k in COLUMNS}
+        self._buffered_episodes = []
         self._write_manifest()
 
     def close(self) -> dict[str, Any]:
@@ -144,6 +182,14 @@ class ShardWriter:
         self.manifest["complete"] = True
         self._write_manifest()
         return self.manifest
+
+    def _drop_orphans(self) -> None:
+        listed = {e["file"] for e in self.manifest["shards"]}
+        for path in sorted(self.directory.glob("shard-*.safetensors")):
+            if path.name not in listed:
+                log.warning("%s: not in the manifest (written when the collection was killed); dropped, its episodes "
+                            "are collected again", path)
+                path.unlink()
 
     def _write_manifest(self) -> None:
         tmp = self.directory / (MANIFEST_FILE + ".tmp")
@@ -157,6 +203,25 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.ndarray, torch.Tensor)):
         return x.tolist()
     return str(x)
+
+
+def own_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a shard directory of this project (any format version or schema), for deleting its files:
+    refuses a directory whose manifest.json is not one, so `collect.overwrite` never deletes anything else."""
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        manifest = read_json_object(path, "shard manifest", ShardFormatError)
+        shards = manifest["shards"]
+        names = [entry["file"] for entry in shards]
+        ours = isinstance(manifest.get("format_version"), int) and isinstance(manifest.get("schema_id"), str)
+    except (ShardFormatError, KeyError, TypeError) as err:
+        raise ShardFormatError(f"{path} is not a blockreuse shard manifest ({err}); collect.overwrite=true only "
+                               "replaces a collection of this project: choose another output directory") from None
+    if not ours or not all(isinstance(n, str) and _SHARD_NAME.fullmatch(n) for n in names):
+        raise ShardFormatError(f"{path} is not a blockreuse shard manifest (or names files that are not shards); "
+                               "collect.overwrite=true only replaces a collection of this project: choose another "
+                               "output directory")
+    return manifest
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -181,6 +246,12 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     for key in ("n_layers", "max_blocks", "shards", "action_mode"):
         if key not in manifest:
             raise ShardFormatError(f"{path} lacks {key!r} (corrupt or hand-edited); {RECOLLECT}")
+    for i, entry in enumerate(manifest["shards"]):
+        # A shard is a file of this directory, named as the writer names it: never a path elsewhere (`../x`).
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not _SHARD_NAME.fullmatch(
+                entry["file"]) or not isinstance(entry.get("rows"), int) or entry["rows"] < 0:
+            raise ShardFormatError(f"{path}: shards[{i}]={entry!r} is not a shard entry ({{file: shard-NNNNN."
+                                   f"safetensors, rows: n}}); the manifest is corrupt or hand-edited: {RECOLLECT}")
     if not manifest.get("complete", False):
         log.warning("%s: the collection did not finish (complete=false); loading the %d rows written",
                     directory, manifest.get("rows", 0))
@@ -195,6 +266,10 @@ def load_shards(directory: str | Path, keys: list[str] | None = None) -> dict[st
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    listed = {e["file"] for e in manifest["shards"]}
+    for orphan in sorted(p.name for p in directory.glob("shard-*.safetensors") if p.name not in listed):
+        log.warning("%s/%s is not in the manifest (a collection killed while writing it): left out; resume the "
+                    "collection (collect.resume=true) to collect its episodes again", directory, orphan)
     keys = list(COLUMNS) if keys is None else list(keys)
     unknown = set(keys) - set(COLUMNS)
     if unknown:
@@ -225,6 +300,9 @@ def load_shards(directory: str | Path, keys: list[str] | None = None) -> dict[st
                     if tuple(t.shape) != expected or t.dtype != dtype:
                         raise ShardFormatError(f"{path}: {key} has shape {tuple(t.shape)} {t.dtype}, the manifest "
                                                f"implies {expected} {dtype}; {RECOLLECT}")
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise ShardFormatError(f"{path}: {key} holds {int((~torch.isfinite(t)).sum())} NaN/inf "
+                                               f"values; {RECOLLECT}")
                     parts[key].append(t)
         except (SafetensorError, OSError) as err:
             raise ShardFormatError(f"{path} is corrupt or truncated ({err}); {RECOLLECT}") from err

@@ -115,6 +115,7 @@ class PolicyConfig:
     budget_epsilons: list[float] = MISSING
     checkpoint_dir: str = MISSING
     resume: str | None = MISSING  # a .ckpt to continue from
+    checkpoint_every_n_steps: int | None = MISSING  # last.ckpt every N training steps too (null: each epoch's end)
     log_export: bool = MISSING
     generation_check: GenerationCheckConfig = MISSING
 
@@ -143,6 +144,7 @@ class PolicyConfig:
             if "budget" in self.ignore_features:
                 raise ValueError("policy.budget_conditioned=true needs the budget feature: drop it from "
                                  "policy.ignore_features")
+        v.number(p + "checkpoint_every_n_steps", self.checkpoint_every_n_steps, integer=True, low=1, optional=True)
         if self.resume is not None and not Path(self.resume).is_file():
             raise ValueError(f"policy.resume={self.resume} does not exist (a last.ckpt of an earlier "
                              "mode=supervised run, under <its run dir>/checkpoints/)")
@@ -367,7 +369,7 @@ class RootConfig:
 
     def __post_init__(self) -> None:
         v.choice("mode", self.mode, JOB_MODES)
-        v.number("seed", self.seed, integer=True)
+        v.number("seed", self.seed, integer=True, low=0)
         v.number("threads", self.threads, integer=True, low=1, optional=True)
         try:  # rl.env sits on top of the env group: the pair must make a valid env
             replace(self.env, **self.rl.env)

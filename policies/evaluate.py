@@ -52,7 +52,8 @@ class BudgetedPolicy(ReusePolicy):
             raise ValueError(f"budget={budget} must lie in (0, 1]")
         self.inner, self.budget = inner, float(budget)
         self.name = inner.name
-        # What the inner policy declares, so the driver treats the pair as it treats the inner policy.
+        # What the inner policy declares, so the driver treats the pair as it treats the inner policy. It sets the
+        # budget feature itself, so generate() is given none.
         self.uses_attention, self.refresh_at_block_start = inner.uses_attention, inner.refresh_at_block_start
 
     def reset(self, batch_size: int) -> None:
@@ -171,7 +172,8 @@ def run(cfg: RootConfig) -> dict[str, Any]:
     gen = cfg.generation.kwargs()
     run = tracking.start_run(cfg.logger, "evaluate", cfg)
     try:
-        rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen, progress=e.progress)
+        rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen, progress=e.progress,
+                                 desc=e.name)
         summary = summarize(rows, e.max_em_loss, learned_names, e.min_agreement)
         meta = {"model": str(cfg.paths.model), "split": e.split, "n_examples": len(examples), "generation": gen,
                 "threads": torch.get_num_threads(), "learned": [tracking.plain_config(x) for x in e.learned],

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from cache_core.actions import ACTION_MODES, OUTPUTS, n_actions
+from cache_core.bench.tracking import portable_path
 from cache_core.features import (
     BLOCK_FEATURE_NAMES,
     GLOBAL_FEATURE_NAMES,
@@ -184,7 +185,7 @@ def export_checkpoint(ckpt_path: str | Path, path: str | Path, *, threshold: flo
     if meta.get("n_layers") is None or meta.get("action_mode") is None:
         raise ValueError(f"{ckpt_path}: not a mode=supervised checkpoint (no n_layers / action_mode recorded)")
     conditioned = bool(meta["budget_conditioned"])
-    info = {"kind": "supervised", "checkpoint": str(ckpt_path), "epoch": meta.get("epoch"),
+    info = {"kind": "supervised", "checkpoint": portable_path(ckpt_path), "epoch": meta.get("epoch"),
             "global_step": meta.get("global_step"), "arch": meta.get("arch"), "hidden": meta.get("hidden"),
             "epsilon": meta.get("epsilon"), "net": meta["net_config"],
             **({"budget_epsilons": meta.get("budget_epsilons"), "budgets": meta.get("budgets")} if conditioned else {}),

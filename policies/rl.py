@@ -6,7 +6,7 @@
     python train.py mode=rl rl.algo=a2c rl.n_envs=4
     python train.py mode=rl rl.warm_start=<run>/checkpoints/best.ckpt   # start from a supervised checkpoint
     python train.py mode=rl rl.warm_start=null               # from scratch (collapses to "never" on the built-in)
-    python train.py mode=rl rl.resume=<run>/checkpoints/rl_agent_8192_steps.zip
+    python train.py mode=rl rl.resume=<run>/checkpoints/rl_agent_8192_steps   # .safetensors + .json
     python train.py -m mode=rl rl.seed=0,1                   # Hydra multirun: one W&B run per job
 
 One function does the job top to bottom (`train_agent`): vectorised envs (`make_vec_env` with `SubprocVecEnv`),
@@ -19,10 +19,11 @@ Budget conditioning: with `rl.env.budget: [low, high]` every episode draws its F
 reads it in the global feature `budget` (and `compute_spent`), is penalised for overshooting it at the episode's
 end, and the manifest says `budget_conditioned: true`, so `generate(..., policy=<onnx>, budget=b)` serves any b.
 
-Checkpoints and `rl.resume`: SB3 saves zips that contain pickles, and unpickling runs code. This module therefore
-only loads zips it wrote itself: every save writes `<name>.provenance.json` with the zip's sha256, and `load_agent`
-refuses a zip without one or whose hash differs. Never resume from a zip obtained elsewhere; the deployable artifact
-is the ONNX file + JSON manifest, which holds no code.
+Checkpoints and `rl.resume`: SB3's own zips contain pickles, and unpickling runs code, so this project never writes
+or loads them. A checkpoint is data only (`policies.rl_callbacks.save_agent`): the policy's weights and the
+optimiser's tensors in `<name>.safetensors`, the counters, the optimiser's settings and the network's config in
+`<name>.json`; `load_agent` rebuilds the agent from config and loads that data. The deployable artifact is the ONNX
+file + JSON manifest, which holds no code either.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,13 @@ from envs.config import EnvConfig
 from policies.config import LoggerConfig, RLConfig, RLPolicyConfig, RootConfig
 from policies.predictor import read_predictor
 from policies.rl_callbacks import (
+    AgentCheckpointCallback,
     EpisodeMetricsCallback,
     GenerationEvalCallback,
-    ProvenanceCheckpointCallback,
     TimeLimitCallback,
     WandbOutputFormat,
-    check_provenance,
+    read_agent_checkpoint,
+    restore_agent,
     save_agent,
 )
 from policies.rl_policy import ACTIVATIONS, ExportedActor, PerBlockActorCriticPolicy
@@ -115,21 +117,30 @@ def build_agent(rl: RLConfig, venv: Any, action_mode: str) -> Any:
     cls = resolve_algo(rl.algo, action_mode)
     kwargs = algo_kwargs(rl)
     try:
-        return cls(PerBlockActorCriticPolicy, venv, policy_kwargs=policy_kwargs(rl.policy), seed=rl.seed,
-                   device=rl.device, verbose=rl.verbose, **kwargs)
+        model = cls(PerBlockActorCriticPolicy, venv, policy_kwargs=policy_kwargs(rl.policy), seed=rl.seed,
+                    device=rl.device, verbose=rl.verbose, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad hyperparameters for {cls.__name__}: {sorted(kwargs)} ({err}); fix rl.hyperparams / "
                          f"rl.{rl.algo}") from err
+    model.policy.blockreuse_config = asdict(rl.policy)  # recorded in checkpoints, so a resume rebuilds this network
+    return model
 
 
-def load_agent(path: str | Path, env: Any = None, device: str = "cpu") -> Any:
-    """Load an SB3 zip that this project wrote (checked against its provenance file before unpickling)."""
-    record = check_provenance(path)
-    algo = str(record.get("algo", "PPO")).lower()
-    cls = resolve_algo(algo, record.get("action_mode") or "binary")
-    model = cls.load(str(path), env=env, device=device)
-    if not isinstance(model.policy, PerBlockActorCriticPolicy):
-        raise ValueError(f"{path}: not a blockreuse per-block agent")
+def load_agent(path: str | Path, rl: RLConfig, env: Any, action_mode: str,
+               checkpoint: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Any:
+    """An agent rebuilt from config (rl, with the network config its checkpoint records) and the checkpoint's data
+    (`policies.rl_callbacks.save_agent`): weights, optimiser state, counters. No pickle is loaded. checkpoint: the
+    already read `read_agent_checkpoint(path)`."""
+    tensors, record = checkpoint if checkpoint is not None else read_agent_checkpoint(path)
+    if record.get("action_mode") != action_mode:
+        raise ValueError(f"{path}: a {record.get('action_mode')} agent cannot continue as a {action_mode} one; set "
+                         f"rl.env.action_mode={record.get('action_mode')}")
+    if record.get("algo") != rl.algo.lower():
+        raise ValueError(f"{path}: written by {record.get('algo')!r}, but rl.algo={rl.algo!r}")
+    if record.get("policy_config"):
+        rl = replace(rl, policy=RLPolicyConfig(**record["policy_config"]))
+    model = build_agent(rl, env, action_mode)
+    restore_agent(model, tensors, record, source=path)
     return model
 
 
@@ -208,7 +219,7 @@ def warm_start(policy: PerBlockActorCriticPolicy, path: str | Path) -> dict[str,
             if policy.action_mode == "binary":
                 t = min(max(meta["threshold"], 1e-6), 1 - 1e-6)
                 linear.bias -= math.log(t / (1 - t))
-    loaded = {"path": str(path), "tensors": len(body), "head": bool(head_loaded),
+    loaded = {"path": tracking.portable_path(path), "tensors": len(body), "head": bool(head_loaded),
               **{k: meta[k] for k in ("net_config", "threshold", "budget_conditioned", "action_mode")}}
     log.info("warm start from %s: %d predictor tensors, action head %s", path, len(body),
              "loaded" if head_loaded else "fresh")
@@ -248,6 +259,7 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
     settings = env_settings(env_kwargs)  # refuses bad env settings before any process starts
     action_mode = settings.action_mode
     resolve_algo(rl.algo, action_mode)
+    resumed = read_agent_checkpoint(rl.resume) if rl.resume else None  # a bad checkpoint fails before any process
     warm_path = resolve_warm_start(rl, action_mode)
     started = time.perf_counter()
     output_dir = Path(output_dir)
@@ -266,7 +278,7 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
     try:
         policy_cfg = rl.policy
         if rl.resume:
-            model = load_agent(rl.resume, env=venv, device=rl.device)
+            model = load_agent(rl.resume, rl, venv, action_mode, checkpoint=resumed)
             log.info("resumed %s at %d timesteps", rl.resume, model.num_timesteps)
             warm = None
         else:
@@ -293,12 +305,12 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
         evaluator = GenerationEvalCallback(
             eval_env, export_for_eval, budgets, freq=rl.eval.freq, batch_size=rl.eval.batch_size,
             flop_weight=rl.eval.flop_weight, over_weight=rl.eval.over_weight,
-            best_path=ckpt_dir / "rl_agent_best.zip", at_start=at_start)
+            best_path=ckpt_dir / "rl_agent_best", at_start=at_start)
         time_limit = TimeLimitCallback(rl.max_minutes)
         callbacks = [EpisodeMetricsCallback(), time_limit, evaluator]
         if rl.checkpoint.freq > 0:
-            callbacks.append(ProvenanceCheckpointCallback(max(rl.checkpoint.freq // rl.n_envs, 1), str(ckpt_dir),
-                                                          name_prefix="rl_agent"))
+            callbacks.append(AgentCheckpointCallback(max(rl.checkpoint.freq // rl.n_envs, 1), ckpt_dir,
+                                                     name_prefix="rl_agent"))
         if run.active:
             callbacks.append(run.sb3_callback())
 
@@ -306,26 +318,26 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
         if remaining:
             model.learn(total_timesteps=remaining, callback=CallbackList(callbacks), progress_bar=rl.progress_bar,
                         reset_num_timesteps=not rl.resume)
-        final_zip = save_agent(model, ckpt_dir / "rl_agent_final.zip")
+        final = save_agent(model, ckpt_dir / "rl_agent_final")
 
         # --- export ---
         history = evaluator.history
         chosen = history[-1] if history else None
         if rl.export.which == "best" and history and evaluator.best_saved:  # this run's best, not a stale file
-            best = load_agent(evaluator.best_path, device=rl.device)
-            model.policy.load_state_dict(best.policy.state_dict())
+            restore_agent(model, *read_agent_checkpoint(evaluator.best_path), source=evaluator.best_path,
+                          weights_only=True)
             chosen = max(history, key=lambda e: e["score"])
         metrics = None if chosen is None else {"timesteps": chosen["timesteps"], "eval_score": chosen["score"],
                                                 "eval": chosen["budgets"]}
         source = {"kind": "rl", "algo": rl.algo, "timesteps": int(model.num_timesteps), "which": rl.export.which,
-                  "checkpoint": str(final_zip), "seed": rl.seed, "env": _plain(env_kwargs),
+                  "checkpoint": final.name, "seed": rl.seed, "env": _plain(env_kwargs),
                   "warm_start": warm, "eval_budgets": budgets, "eval_split": eval_env.prompts.split,
                   "eval_prompts": len(eval_env.prompts)}
         onnx_path = export_agent(model, tracking.per_job(policy_files(rl.export.path)[0], file=True),
                                  n_layers=eval_env.n_layers, budget_conditioned=budget_conditioned, source=source,
                                  metrics=metrics, default_budget=default_budget(settings.budget, rl.export.budget))
         run.log_artifact(list(policy_files(onnx_path)), "rl_agent", metadata=read_manifest(onnx_path))
-        result = {"policy": str(onnx_path), "checkpoint": str(final_zip), "timesteps": int(model.num_timesteps),
+        result = {"policy": str(onnx_path), "checkpoint": str(final), "timesteps": int(model.num_timesteps),
                   "stopped_by_time_limit": time_limit.stopped_early,
                   "budget_conditioned": budget_conditioned, "eval": history, "exported_eval": metrics,
                   "seconds": time.perf_counter() - started, "wandb_dir": run.directory}
@@ -348,10 +360,12 @@ def default_budget(env_budget: Any, chosen: float | None) -> float | None:
 
 
 def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """env kwargs as loggable values (objects such as a model or prompt lists summarised)."""
+    """env kwargs as loggable values (objects such as a model or prompt lists summarised, paths made portable)."""
     out = {}
     for key, value in kwargs.items():
-        if isinstance(value, (str, int, float, bool)) or value is None:
+        if key.endswith("_path") and isinstance(value, str):
+            out[key] = tracking.portable_path(value)
+        elif isinstance(value, (str, int, float, bool)) or value is None:
             out[key] = value
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
             out[key] = list(value)

@@ -7,14 +7,13 @@
   match, agreement with the no-cache answer and FLOP fraction under `eval/*`; keeps the best model by `eval/score`.
 - `WandbOutputFormat`: an SB3 logger output that forwards every dumped record (rollout/*, train/*, time/*, eval/*)
   to `wandb.log` (SB3's `WandbCallback` reads metrics through TensorBoard, which this project does not install).
-- `ProvenanceCheckpointCallback`: SB3's `CheckpointCallback`, plus a provenance file next to every zip (see
-  `save_agent` / `load_agent` in `policies.rl`): SB3 zips contain pickles, and only zips this project wrote (hash
-  recorded at save time) are ever loaded.
+- `AgentCheckpointCallback` / `save_agent` / `read_agent_checkpoint`: agent checkpoints as data only (safetensors +
+  JSON: weights, optimiser state, counters, the network's config), so resuming unpickles nothing. SB3 zips (pickles)
+  are refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter
 
 from cache_core.features import SCHEMA_ID
@@ -35,16 +35,69 @@ from cache_core.validate import read_json_object
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "blockreuse-rl-checkpoint"
+CHECKPOINT_VERSION = 2  # 1 was an SB3 zip with a provenance file; 2 holds no pickle
 EPISODE_KEYS = ("exact_match", "agreement", "agree_exact", "episode_flop_fraction", "budget", "budget_excess")
 
 
-# --- provenance of SB3 zips ----------------------------------------------------------------------------------------
-def provenance_path(zip_path: str | Path) -> Path:
-    zip_path = Path(zip_path)
-    return zip_path.with_name(zip_path.stem + ".provenance.json")
+# --- agent checkpoints: safetensors + JSON, no pickle ----------------------------------------------------------------
+def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """`<name>.safetensors` (weights and optimiser tensors) and `<name>.json` (counters, optimiser settings, the
+    network's config) of an agent checkpoint given as `<name>`, `<name>.safetensors` or `<name>.json`."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.parent / (path.name + ".safetensors"), path.parent / (path.name + ".json")
 
 
-def sha256(path: str | Path) -> str:
+def save_agent(model: BaseAlgorithm, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """What resuming needs, as data: the policy's weights and the optimiser's tensors (safetensors), the counters,
+    the optimiser's settings and the network's config (JSON, written last: a checkpoint whose JSON is there is
+    whole). Nothing in it is code, so loading it runs none. Returns the .safetensors path."""
+    from safetensors.torch import save_file
+
+    tensor_path, json_path = checkpoint_files(path)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    policy = model.policy
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}  # SB3 shares the features extractor between actor and critic: store it once
+    seen: dict[tuple, str] = {}
+    for key, value in policy.state_dict().items():
+        identity = (value.data_ptr(), tuple(value.shape), tuple(value.stride()), value.dtype)
+        if value.numel() and identity in seen:
+            aliases[f"policy.{key}"] = seen[identity]
+            continue
+        seen[identity] = f"policy.{key}"
+        tensors[f"policy.{key}"] = value
+    optimizer = policy.optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in optimizer["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    tmp_tensors = tensor_path.with_suffix(".safetensors.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp_tensors),
+              metadata={"format": CHECKPOINT_FORMAT, "schema_id": SCHEMA_ID})
+    record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "schema_id": SCHEMA_ID,
+              "tensors_sha256": _sha256(tmp_tensors),
+              "algo": type(model).__name__.lower(), "action_mode": getattr(policy, "action_mode", None),
+              "num_timesteps": int(model.num_timesteps), "n_updates": int(getattr(model, "_n_updates", 0)),
+              "max_blocks": int(model.observation_space["blocks"].shape[0]),
+              "policy_config": getattr(policy, "blockreuse_config", None), "aliases": aliases,
+              "optimizer": {"param_groups": optimizer["param_groups"], "scalars": scalars}, **(extra or {})}
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    # Both files land by rename; the record names the tensors' hash, so a kill between the two renames (new weights,
+    # old record) is caught when the checkpoint is read.
+    tmp_tensors.replace(tensor_path)
+    tmp.replace(json_path)
+    return tensor_path
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -52,51 +105,82 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_agent(model: BaseAlgorithm, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """`model.save(path)` plus `<stem>.provenance.json` (format, sha256 of the zip, schema id, action mode)."""
-    path = Path(path)
-    if path.suffix != ".zip":
-        path = path.with_suffix(".zip")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
-    policy = model.policy
-    record = {"format": CHECKPOINT_FORMAT, "sha256": sha256(path), "algo": type(model).__name__,
-              "policy_class": f"{type(policy).__module__}.{type(policy).__qualname__}", "schema_id": SCHEMA_ID,
-              "action_mode": getattr(policy, "action_mode", None), "num_timesteps": int(model.num_timesteps),
-              "max_blocks": int(model.observation_space["blocks"].shape[0]), **(extra or {})}
-    provenance_path(path).write_text(json.dumps(record, indent=2))
-    return path
+def read_agent_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the record of an agent checkpoint written by `save_agent`, checked; an SB3 zip (a pickle) is
+    refused, never opened."""
+    from safetensors import safe_open
 
-
-def check_provenance(path: str | Path) -> dict[str, Any]:
-    """The provenance record of a zip this project wrote; raises ValueError for any other file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    ppath = provenance_path(path)
-    if not ppath.exists():
-        raise ValueError(f"{path}: no provenance file {ppath.name} beside it. SB3 zips hold pickles, so only zips "
-                         "written by this project's RL training (which records their hash) are loaded")
-    record = read_json_object(ppath, "provenance record")
-    if record.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{ppath}: not a {CHECKPOINT_FORMAT} provenance file")
-    if record.get("sha256") != sha256(path):
-        raise ValueError(f"{path}: its sha256 differs from the one recorded when this project saved it; the file was "
-                         "modified or replaced and will not be unpickled")
+    if Path(path).suffix == ".zip":
+        raise ValueError(f"{path}: SB3 zips hold pickles, which run code when loaded, so this project never loads "
+                         "them; resume from a checkpoint it wrote: <name>.safetensors + <name>.json "
+                         "(e.g. <run dir>/checkpoints/rl_agent_4096_steps.safetensors)")
+    tensor_path, json_path = checkpoint_files(path)
+    for file in (tensor_path, json_path):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file; an agent checkpoint is <name>.safetensors + <name>.json "
+                                    "(written by `python train.py mode=rl` under its checkpoints/)")
+    record = read_json_object(json_path, "agent checkpoint record")
+    if record.get("format") != CHECKPOINT_FORMAT or record.get("format_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{json_path}: not a {CHECKPOINT_FORMAT} version {CHECKPOINT_VERSION} record "
+                         f"(format={record.get('format')!r}, version={record.get('format_version')!r})")
     if record.get("schema_id") != SCHEMA_ID:
-        raise ValueError(f"{path}: trained on feature schema {record.get('schema_id')!r}, this blockreuse computes "
-                         f"{SCHEMA_ID!r}; start a new run instead of resuming")
-    return record
+        raise ValueError(f"{json_path}: trained on feature schema {record.get('schema_id')!r}, this blockreuse "
+                         f"computes {SCHEMA_ID!r}; start a new run instead of resuming")
+    for key in ("num_timesteps", "n_updates"):
+        if not isinstance(record.get(key), int) or record[key] < 0:
+            raise ValueError(f"{json_path}: {key}={record.get(key)!r} must be a count; the record is corrupt")
+    if record.get("tensors_sha256") != _sha256(tensor_path):
+        raise ValueError(f"{tensor_path}: its contents are not those {json_path.name} was written with (a save "
+                         "killed half-way, or a file replaced); resume from another checkpoint")
+    try:
+        with safe_open(str(tensor_path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+        raise ValueError(f"{tensor_path}: not a readable safetensors file ({err}); the checkpoint is corrupt or "
+                         "truncated") from err
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{tensor_path}: NaN/inf in {bad[:3]}; the run diverged or the file is damaged")
+    return tensors, record
 
 
-class ProvenanceCheckpointCallback(CheckpointCallback):
-    """`CheckpointCallback` whose zips carry a provenance file (so `rl.resume` accepts them)."""
+def restore_agent(model: BaseAlgorithm, tensors: dict[str, torch.Tensor], record: dict[str, Any],
+                  source: str | Path = "checkpoint", weights_only: bool = False) -> None:
+    """Load a checkpoint's policy weights into `model` and, unless weights_only, its optimiser state and counters."""
+    aliases = dict(record.get("aliases") or {})
+    named = {**tensors, **{alias: tensors[target] for alias, target in aliases.items() if target in tensors}}
+    policy = {k[len("policy."):]: v for k, v in named.items() if k.startswith("policy.")}
+    try:
+        model.policy.load_state_dict(policy, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{source}: the checkpoint's network differs from this agent's ({err}); resume with the "
+                         "rl.policy settings it was trained with") from None
+    if weights_only:
+        return
+    opt = record["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, scalars in opt.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(scalars)
+    model.policy.optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
+    model.num_timesteps = int(record["num_timesteps"])
+    model._n_updates = int(record["n_updates"])
+
+
+class AgentCheckpointCallback(BaseCallback):
+    """Every `save_freq` calls (x n_envs env steps), `save_agent` to `<dir>/<prefix>_<timesteps>_steps`."""
+
+    def __init__(self, save_freq: int, directory: str | Path, name_prefix: str = "rl_agent", verbose: int = 0):
+        super().__init__(verbose)
+        self.save_freq, self.directory, self.name_prefix = int(save_freq), Path(directory), name_prefix
 
     def _on_step(self) -> bool:
         if self.n_calls % self.save_freq == 0:
-            path = save_agent(self.model, self._checkpoint_path(extension="zip"))
-            if self.verbose >= 1:
-                log.info("saved checkpoint %s", path)
+            path = save_agent(self.model, self.directory / f"{self.name_prefix}_{self.num_timesteps}_steps")
+            log.info("saved checkpoint %s", path)
         return True
 
 

@@ -184,6 +184,7 @@ class SupervisedPredictor(L.LightningModule):
         policy = TorchPolicy(self.net, self.hparams.action_mode, self.output,
                              refresh_threshold=self.hparams.threshold if threshold is None else threshold)
         if self.hparams.budget_conditioned:  # as exported: given no budget, run at the training epsilon's budget
+            policy.budget_conditioned = True
             policy.default_budget = float(self.hparams.nominal_budget)
         return policy
 
@@ -253,6 +254,22 @@ class GenerationCheck(L.Callback):
 
 
 # --- the job -------------------------------------------------------------------------------------------------------
+def atomic_checkpoint(**kwargs: Any) -> L.Callback:
+    """Lightning's ModelCheckpoint, writing each file under a temporary name and renaming it into place: a kill while
+    saving leaves the previous last.ckpt / best.ckpt whole."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class AtomicModelCheckpoint(ModelCheckpoint):
+        def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+            partial = filepath + ".partial"
+            super()._save_checkpoint(trainer, partial)
+            if trainer.is_global_zero and os.path.exists(partial):
+                os.replace(partial, filepath)
+            self._last_checkpoint_saved = filepath
+
+    return AtomicModelCheckpoint(**kwargs)
+
+
 def build_module(pcfg: PolicyConfig, dm: ShardDataModule) -> SupervisedPredictor:
     """The LightningModule for these shards: pos_weight and budgets measured on the training rows."""
     train = dm.subset(dm.train_index)
@@ -307,7 +324,7 @@ def generation_check(cfg: RootConfig) -> GenerationCheck | None:
 def run(cfg: RootConfig) -> dict[str, Any]:
     """`mode=supervised`: train the predictor on data.shards_dir, export its best checkpoint into the run directory;
     returns checkpoint paths and final metrics."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
     from policies.export import export_checkpoint
 
@@ -326,14 +343,31 @@ def run(cfg: RootConfig) -> dict[str, Any]:
                          seed=cfg.seed, num_workers=dcfg.num_workers, max_rows=dcfg.max_rows).prepare()
     module = build_module(pcfg, dm)
     has_val = len(dm.val_index) > 0
+    episodes = int(dm.rows["episode"].unique().numel())
+    if not has_val:
+        log.warning("the shards hold %d episode(s): too few for a validation split, so best.ckpt is the last epoch's "
+                    "and no val/* metric is measured; collect more (collect.episodes)", episodes)
+    if len(dm.train_index) < dcfg.batch_size:
+        log.warning("only %d training rows (%d episodes), fewer than one batch of data.batch_size=%d: the predictor "
+                    "will barely train; collect more (collect.episodes)", len(dm.train_index), episodes,
+                    dcfg.batch_size)
 
     ckpt_dir = tracking.per_job(pcfg.checkpoint_dir)
+    if pcfg.resume is not None:
+        from policies.predictor import read_predictor
+
+        read_predictor(pcfg.resume)  # a truncated or foreign file is named here, not deep inside Lightning
     if pcfg.resume is None and (ckpt_dir / "last.ckpt").exists():
         log.warning("%s holds checkpoints of an earlier run; they will be overwritten (policy.resume=%s continues "
                     "that run instead)", ckpt_dir, ckpt_dir / "last.ckpt")
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/ap" if has_val else None,
-                                 mode="max", save_last=True, save_top_k=1, enable_version_counter=False)
-    callbacks: list[L.Callback] = [checkpoint]
+    checkpoint = atomic_checkpoint(dirpath=str(ckpt_dir), filename="best", monitor="val/ap" if has_val else None,
+                                   mode="max", save_top_k=1, enable_version_counter=False)
+    # last.ckpt at every epoch's end (and every N training steps when asked), whether or not val/ap improved: a kill
+    # loses at most that much training.
+    last = atomic_checkpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
+                             every_n_train_steps=pcfg.checkpoint_every_n_steps, save_on_train_epoch_end=True,
+                             enable_version_counter=False)
+    callbacks: list[L.Callback] = [checkpoint, last]
     check = generation_check(cfg)
     if check is not None:
         callbacks.append(check)
@@ -357,7 +391,7 @@ def run(cfg: RootConfig) -> dict[str, Any]:
         if trainer.is_global_zero and pcfg.log_export:
             # The run's own exported file; shipping it elsewhere is `mode=export` with a path.
             exported = export_checkpoint(best, tracking.per_job(Path(cfg.paths.output) / "predictor", file=True),
-                                         source={"shards_dir": [str(d) for d in dm.shards_dirs]})
+                                         source={"shards_dir": [tracking.portable_path(d) for d in dm.shards_dirs]})
             result["exported"] = str(exported)
             run = tracking.Run.of_lightning(logger)
             run.log_artifact([exported, exported.with_suffix(".json"), exported.with_suffix(".safetensors")],

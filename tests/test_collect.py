@@ -14,7 +14,15 @@ from omegaconf import OmegaConf
 from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID
 from envs.block_reuse_env import BlockReuseEnv
 from envs.collect import BehaviourPolicy, collect
-from envs.shards import COLUMNS, MANIFEST_FILE, SHARD_FORMAT_VERSION, ShardFormatError, load_shards, read_manifest
+from envs.shards import (
+    COLUMNS,
+    MANIFEST_FILE,
+    SHARD_FORMAT_VERSION,
+    ShardFormatError,
+    ShardWriter,
+    load_shards,
+    read_manifest,
+)
 from envs.testing import save_tiny_checkpoint, tiny_env_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +68,9 @@ def test_round_trip(collected):
     assert set(data) == set(COLUMNS)
     S, B, L = result["rows"], env.max_blocks, env.n_layers
     assert S == 5 * env.steps and result["episodes"] == 5
-    assert result["shards"] == -(-S // 12) and len(list(directory.glob("shard-*.safetensors"))) == result["shards"]
+    # Shards hold whole episodes: one is written once 12 rows are buffered (2 episodes of 8 steps), the last at close.
+    assert result["shards"] == 3 and len(list(directory.glob("shard-*.safetensors"))) == result["shards"]
+    assert [s["rows"] for s in read_manifest(directory)["shards"]] == [16, 16, 8]
     shapes = {"blocks": (S, B, N_BLOCK_FEATURES), "block_mask": (S, B), "global": (S, N_GLOBAL_FEATURES),
               "actions": (S, B), "oracle_drift": (S, B, L), "reward": (S,), "kl": (S,), "flip": (S,),
               "flop_fraction": (S,), "episode": (S,), "step": (S,)}
@@ -166,7 +176,7 @@ def test_schema_mismatch(collected, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage_manifest", "no_manifest", "missing_shard", "truncated_shard",
-                                    "wrong_shape", "list_manifest"])
+                                    "wrong_shape", "list_manifest", "escaping_path", "no_rows", "nan_drift"])
 def test_corrupt_directories(collected, tmp_path, damage):
     d = copy_shards(collected[2], tmp_path / damage)
     shard = d / "shard-00000.safetensors"
@@ -182,6 +192,19 @@ def test_corrupt_directories(collected, tmp_path, damage):
         shard.write_bytes(shard.read_bytes()[:200])
     elif damage == "wrong_shape":
         edit_manifest(d, max_blocks=collected[0].max_blocks + 1)
+    elif damage == "escaping_path":  # a manifest may not point outside its directory
+        (tmp_path / "outside.safetensors").write_bytes(shard.read_bytes())
+        shards = json.loads((d / MANIFEST_FILE).read_text())["shards"]
+        edit_manifest(d, shards=[{**shards[0], "file": "../outside.safetensors"}, *shards[1:]])
+    elif damage == "no_rows":
+        shards = json.loads((d / MANIFEST_FILE).read_text())["shards"]
+        edit_manifest(d, shards=[{"file": shards[0]["file"]}, *shards[1:]])
+    elif damage == "nan_drift":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(shard)
+        tensors["oracle_drift"][0, -1, 0] = float("nan")
+        save_file(tensors, shard, metadata={"format_version": str(SHARD_FORMAT_VERSION), "schema_id": SCHEMA_ID})
     with pytest.raises(ShardFormatError, match="re-collect"):
         load_shards(d)
 
@@ -190,6 +213,63 @@ def test_writer_refuses_existing_directory(collected):
     env, _, directory = collected
     with pytest.raises(FileExistsError, match="overwrite"):
         collect(env, settings(directory.parent, episodes=1, output_dir=str(directory)))
+    with pytest.raises(FileExistsError, match="complete collection: nothing to resume"):
+        collect(env, settings(directory.parent, episodes=1, output_dir=str(directory), resume=True))
+
+
+def test_overwrite_replaces_only_a_collection_of_this_project(tmp_path):
+    env = BlockReuseEnv(**tiny_env_kwargs())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / MANIFEST_FILE).write_text(json.dumps({"hello": "world"}))
+    (foreign / "shard-00000.safetensors").write_bytes(b"someone's data")
+    with pytest.raises(ShardFormatError, match="not a blockreuse shard manifest"):
+        collect(env, settings(tmp_path, episodes=1, output_dir=str(foreign), overwrite=True))
+    assert (foreign / "shard-00000.safetensors").read_bytes() == b"someone's data"  # nothing deleted
+    ours = tmp_path / "ours"
+    collect(env, settings(tmp_path, episodes=2, shard_size=1, output_dir=str(ours)))
+    (ours / "notes.txt").write_text("mine")
+    again = collect(env, settings(tmp_path, episodes=1, output_dir=str(ours), overwrite=True))
+    assert again["episodes"] == 1 and (ours / "notes.txt").read_text() == "mine"  # only its own files went
+    assert sorted(p.name for p in ours.glob("shard-*")) == ["shard-00000.safetensors"]
+
+
+def test_a_stopped_collection_resumes_to_the_same_data(tmp_path, caplog):
+    """Interrupt a collection after two shards (with a third written but not in the manifest, as a kill between the
+    shard and the manifest leaves it), resume it: the data equals an uninterrupted collection's."""
+    env = BlockReuseEnv(**tiny_env_kwargs())
+    whole = collect(env, settings(tmp_path, episodes=5, flush_episodes=1, output_dir=str(tmp_path / "whole")))
+    stopped = tmp_path / "stopped"
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    real = ShardWriter.flush
+
+    def flush_then_stop(self):
+        real(self)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (self.directory / "shard-00002.safetensors").write_bytes(b"half-written")  # the orphan of a kill
+            raise Stop
+
+    ShardWriter.flush = flush_then_stop
+    try:
+        with pytest.raises(Stop):
+            collect(env, settings(tmp_path, episodes=5, flush_episodes=1, output_dir=str(stopped)))
+    finally:
+        ShardWriter.flush = real
+    manifest = read_manifest(stopped)
+    assert manifest["episodes"] == 2 and not manifest["complete"]  # the manifest counts what is on disk
+    with caplog.at_level("WARNING", logger="envs.shards"):
+        assert load_shards(stopped)["episode"].max() == 1  # the orphan is left out, and said so
+    assert "not in the manifest" in caplog.text
+    resumed = collect(env, settings(tmp_path, episodes=5, flush_episodes=1, output_dir=str(stopped), resume=True))
+    assert resumed["resumed_at"] == 2 and resumed["episodes"] == 5
+    a, b = load_shards(whole["output_dir"]), load_shards(stopped)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("behaviour,match", [
@@ -218,7 +298,7 @@ def test_run_from_hydra_config(tmp_path):
                       "collect.episodes=2", "collect.n_prompts=2", "collect.shard_size=3", "collect.progress_bar=false")
     result = collect_module.run(cfg)
     assert Path(result["output_dir"]) == tmp_path / "out" / "shards"  # in the run directory
-    assert result["episodes"] == 2 and result["rows"] == 8 and result["shards"] == 3
+    assert result["episodes"] == 2 and result["rows"] == 8 and result["shards"] == 2  # one episode (4 rows >= 3) each
     manifest = read_manifest(result["output_dir"])
     assert manifest["split"] == "train" and manifest["env"]["prompts"]["source"] == "TaskSuitePromptSet"
     assert load_shards(result["output_dir"])["blocks"].shape[1] == manifest["max_blocks"]

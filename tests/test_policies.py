@@ -203,9 +203,24 @@ def _counts(model, rec) -> torch.Tensor:
     return torch.tensor([[per_layer]] * model.config.n_layers)
 
 
-def test_features_policy_with_budget(model) -> None:
-    r = generate(model, random_prompts([5, 7], 11), GEN, BLOCK, STEPS, policy="confidence", budget=0.5)
-    assert 0.0 < r.stats.flop_fraction <= 1.0
+def test_the_budget_reaches_a_budget_conditioned_policy(model) -> None:
+    """generate(budget=b) sets the features' `budget` column for a policy that reads it (and is refused for one that
+    would ignore it: test_robustness.py)."""
+    from cache_core import ReusePolicy
+    from cache_core.cache import RefreshPlan
+    from cache_core.features import GLOBAL_FEATURE_NAMES
+
+    class Reads(ReusePolicy):
+        budget_conditioned = True
+        seen: list[float] = []
+
+        def plan(self, features, ctx):
+            self.seen.append(float(features.global_[0, GLOBAL_FEATURE_NAMES.index("budget")]))
+            return RefreshPlan.refresh_all(ctx.batch_size, ctx.n_blocks)
+
+    policy = Reads()
+    r = generate(model, random_prompts([5, 7], 11), GEN, BLOCK, STEPS, policy=policy, budget=0.5)
+    assert r.stats.flop_fraction == 1.0 and set(policy.seen) == {0.5} and len(policy.seen) == STEPS
 
 
 def test_describe_reports_knob() -> None:

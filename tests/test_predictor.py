@@ -202,6 +202,25 @@ def test_supervised_learns_checkpoints_and_resumes(tmp_path):
         run(compose_cfg(tmp_path, f"policy.resume={tmp_path / 'nope.ckpt'}"))
 
 
+def test_last_checkpoint_every_epoch_and_tiny_data_said(tmp_path, caplog):
+    """last.ckpt is written at every epoch's end, not only when val/ap improves (here it cannot: lr ~ 0), so a kill
+    loses at most one epoch; a data set too small to split or to fill a batch is said so."""
+    from policies.supervised import run
+
+    write_synthetic_shards(tmp_path / "shards", episodes=8, steps=6)
+    result = run(compose_cfg(tmp_path, "trainer.max_epochs=3", "policy.lr=1e-12"))
+    assert torch.load(result["best_ckpt"], weights_only=True)["epoch"] == 0  # val/ap never improved after epoch 0
+    assert torch.load(result["last_ckpt"], weights_only=True)["epoch"] == 2
+    write_synthetic_shards(tmp_path / "one", episodes=1, steps=6)
+    with caplog.at_level("WARNING", logger="policies.supervised"):
+        run(compose_cfg(tmp_path, f"data.shards_dir={tmp_path / 'one'}", "trainer.max_epochs=1"))
+    assert "too few for a validation split" in caplog.text and "fewer than one batch" in caplog.text
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(Path(result["last_ckpt"]).read_bytes()[:300])
+    with pytest.raises(ValueError, match="broken.ckpt: not loadable"):
+        run(compose_cfg(tmp_path, f"policy.resume={broken}"))
+
+
 @pytest.mark.parametrize("variant", ["transformer-depth", "budget"])
 def test_variants_train(tmp_path, variant):
     from policies.supervised import SupervisedPredictor, run

@@ -3,6 +3,7 @@ resume, warm start, offline W&B, bad configs. Tiny models and a few hundred time
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from envs.testing import random_pairs, save_tiny_checkpoint, tiny_env_kwargs, ti
 from policies.config import RLConfig, typed
 from policies.predictor import read_predictor
 from policies.rl import load_agent, resolve_algo, train_agent
-from policies.rl_callbacks import provenance_path
+from policies.rl_callbacks import checkpoint_files, read_agent_checkpoint
 from policies.rl_policy import ExportedActor, PerBlockActorCriticPolicy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,14 +174,17 @@ def test_training_exports_a_budget_conditioned_policy(trained):
     assert len(result["eval"]) >= 3 and all(len(e["budgets"]) == 2 for e in result["eval"])
     assert {"exact_match", "agreement", "flop_fraction"} <= set(result["eval"][-1]["budgets"][0])
     assert manifest["metrics"]["eval_score"] == max(e["score"] for e in result["eval"])
-    zips = sorted((tmp / "ckpt").glob("rl_agent_*_steps.zip"))
-    assert zips and all(provenance_path(z).exists() for z in zips)
-    assert (tmp / "ckpt" / "rl_agent_best.zip").exists() and (tmp / "ckpt" / "rl_agent_final.zip").exists()
+    saved = sorted((tmp / "ckpt").glob("rl_agent_*_steps.safetensors"))
+    assert saved and all(checkpoint_files(p)[1].is_file() for p in saved)  # weights + the JSON record
+    assert not list((tmp / "ckpt").glob("*.zip"))  # SB3's pickled zips are never written
+    for name in ("rl_agent_best", "rl_agent_final"):
+        assert all(p.is_file() for p in checkpoint_files(tmp / "ckpt" / name))
 
 
 def test_exported_file_acts_like_the_sb3_policy(trained):
     action_mode, tmp, result = trained
-    model = load_agent(tmp / "ckpt" / "rl_agent_best.zip")  # the exported weights are the best model's
+    model = load_agent(tmp / "ckpt" / "rl_agent_best", tiny_rl(tmp), vec(action_mode), action_mode)  # the exported
+    # weights are the best model's
     obs = stack(env_observations(action_mode, n=32))
     x = policy_input(torch.as_tensor(obs["blocks"]), torch.as_tensor(obs["global"]))
     # A briefly trained policy reuses almost everywhere: give it a random head centred on these observations, so the
@@ -221,8 +225,14 @@ def test_generate_runs_the_exported_agent_at_any_budget(trained):
 
 
 # --- seeds and resume ------------------------------------------------------------------------------------------
-def _params(zip_path: Path) -> dict:
-    return {k: v.clone() for k, v in load_agent(zip_path).policy.state_dict().items()}
+def _params(path: Path) -> dict:
+    return {k: v for k, v in read_agent_checkpoint(path)[0].items() if k.startswith("policy.")}
+
+
+def vec(action_mode: str = "binary"):
+    from envs.vector import make_sb3_vec_env
+
+    return make_sb3_vec_env(env_kwargs(action_mode=action_mode), 1, subproc=False, seed=0)
 
 
 def test_same_seed_same_agent_other_seed_other_agent(tmp_path):
@@ -236,22 +246,82 @@ def test_same_seed_same_agent_other_seed_other_agent(tmp_path):
     assert Path(a["policy"]).read_bytes() == Path(b["policy"]).read_bytes()
 
 
-def test_resume_continues_and_refuses_foreign_zips(trained, tmp_path):
+def test_resume_continues_from_data_only_checkpoints(trained, tmp_path):
     action_mode, tmp, result = trained
     final = Path(result["checkpoint"])
+    tensors, record = read_agent_checkpoint(final)
+    assert record["num_timesteps"] == result["timesteps"] and record["policy_config"]["hidden"] == 16
+    assert any(k.startswith("optim.") for k in tensors)  # the optimiser's state travels too
     resumed = train(tmp_path, env_overrides={"action_mode": action_mode}, resume=str(final), total_timesteps=192,
                     eval={"at_start": False, "freq": 0})
     assert resumed["timesteps"] >= 192 > result["timesteps"]
-    # a zip without provenance, or modified after saving, is never unpickled
-    foreign = tmp_path / "foreign.zip"
-    foreign.write_bytes(final.read_bytes())
-    with pytest.raises(ValueError, match="no provenance"):
-        load_agent(foreign)
-    tampered = tmp_path / "tampered.zip"
-    tampered.write_bytes(final.read_bytes() + b"\0")
-    provenance_path(tampered).write_text(provenance_path(final).read_text())
-    with pytest.raises(ValueError, match="sha256"):
-        train(tmp_path / "t", env_overrides={"action_mode": action_mode}, resume=str(tampered))
+    # an agent rebuilt from a checkpoint holds its weights and counters
+    model = load_agent(final, tiny_rl(tmp_path), vec(action_mode), action_mode)
+    assert model.num_timesteps == result["timesteps"]
+    stored = {**tensors, **{a: tensors[t] for a, t in record["aliases"].items()}}  # a shared extractor is stored once
+    assert record["aliases"]
+    assert all(torch.equal(v, stored[f"policy.{k}"]) for k, v in model.policy.state_dict().items())
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("zip", "SB3 zips hold pickles"),
+    ("no_json", "no such file"),
+    ("truncated", "not a readable safetensors file"),
+    ("other_schema", "feature schema 'v0:old'"),
+    ("bad_counter", "num_timesteps=-5 must be a count"),
+    ("nan", "NaN/inf"),
+    ("half_saved", "not those agent.json was written with"),
+])
+def test_resume_refuses_what_is_not_a_checkpoint_of_this_project(trained, tmp_path, damage, match):
+    from safetensors.torch import load_file, save_file
+
+    action_mode, tmp, result = trained
+    src_t, src_j = checkpoint_files(result["checkpoint"])
+    t, j = checkpoint_files(tmp_path / "agent")
+    t.write_bytes(src_t.read_bytes())
+    j.write_text(src_j.read_text())
+    record = json.loads(j.read_text())
+    target = t
+    if damage == "zip":
+        target = tmp_path / "agent.zip"
+        target.write_bytes(b"PK\x03\x04 a pickle inside")
+    elif damage == "no_json":
+        j.unlink()
+    elif damage == "truncated":
+        t.write_bytes(t.read_bytes()[:100])
+    elif damage == "other_schema":
+        j.write_text(json.dumps({**record, "schema_id": "v0:old"}))
+    elif damage == "bad_counter":
+        j.write_text(json.dumps({**record, "num_timesteps": -5}))
+    elif damage == "nan":  # a diverged run's weights, recorded as they are
+        tensors = load_file(t)
+        first = next(k for k in tensors if k.startswith("policy."))
+        tensors[first] = torch.full_like(tensors[first], float("nan"))
+        save_file(tensors, t)
+    elif damage == "half_saved":  # new weights beside the old record (a kill between the two renames)
+        tensors = load_file(t)
+        save_file({k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, t)
+    if damage in ("truncated", "nan"):  # the record matches the file: the file's own defect is named
+        j.write_text(json.dumps({**record, "tensors_sha256": hashlib.sha256(t.read_bytes()).hexdigest()}))
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train(tmp_path / "r", env_overrides={"action_mode": action_mode}, resume=str(target))
+    assert not (tmp_path / "r" / "ckpt").exists()  # refused before anything started
+
+
+def test_no_pickle_is_loaded_from_a_user_path():
+    """grep-able: no SB3 `.load(` (it unpickles), no `pickle`, no `torch.load` without weights_only=True."""
+    import re
+
+    offenders = []
+    for path in sorted(REPO.glob("*/**/*.py")):
+        if ".venv" in path.parts or "tests" in path.parts:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if (re.search(r"\b(PPO|A2C|cls|model|BaseAlgorithm)\.load\(", code) or re.search(r"\bimport pickle\b", code)
+                    or ("torch.load(" in code and "weights_only=True" not in code)):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, offenders
 
 
 # --- warm start from the supervised predictor -------------------------------------------------------------------

@@ -97,7 +97,7 @@ def _run(model: DiffusionModel, tokenizer, examples: list[Example], spec: Policy
 
 def evaluate_policies(model: DiffusionModel, tokenizer, examples: list[Example], specs: list[PolicySpec],
                       batch_sizes: Sequence[int], gen: dict[str, Any], progress: bool = True,
-                      examples_per_batch_size: dict[int, int] | None = None) -> list[Row]:
+                      examples_per_batch_size: dict[int, int] | None = None, desc: str = "benchmark") -> list[Row]:
     """Run every spec at every batch size; the no-cache reference (`full`) runs first at each batch size.
 
     examples_per_batch_size caps the prompts used at a batch size (e.g. {1: 16}: batch 1 is slow and there for
@@ -106,15 +106,16 @@ def evaluate_policies(model: DiffusionModel, tokenizer, examples: list[Example],
     from tqdm.auto import tqdm
 
     reference = PolicySpec("full", None, None, lambda: make_policy("full"))
+    others = [s for s in specs if s.family != "full"]  # the reference is the full recompute: it runs once
     rows = []
-    bar = tqdm(total=len(batch_sizes) * (len(specs) + 1), desc="benchmark", disable=not progress)
+    bar = tqdm(total=len(batch_sizes) * (len(others) + 1), desc=desc, disable=not progress)
     all_examples = examples
     for batch_size in batch_sizes:
         examples = all_examples[: (examples_per_batch_size or {}).get(batch_size, len(all_examples))]
         _run(model, tokenizer, examples[:batch_size], reference, batch_size, gen)  # warm-up, not timed
         ref_answers, ref_flops, ref_wall, _ = _run(model, tokenizer, examples, reference, batch_size, gen)
         bar.update()
-        for spec in [reference, *[s for s in specs if s.family != "full"]]:
+        for spec in [reference, *others]:
             if spec is reference:
                 answers, flops, wall, steps = ref_answers, ref_flops, ref_wall, 0
             else:

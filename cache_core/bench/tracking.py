@@ -79,6 +79,18 @@ def per_job(path: str | Path, file: bool = False) -> Path:
     return path / f"job{job['num']}"
 
 
+def portable_path(path: str | Path) -> str:
+    """A path as a manifest records it: relative to the repository when inside it, else its last two parts (the
+    file and its folder), never a machine's absolute directories."""
+    from cache_core.bench import REPO_ROOT
+
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(Path(*path.parts[-2:]))
+
+
 def run_names(name: str | None, group: str | None, job: dict[str, Any], job_type: str) -> tuple[str, str | None]:
     """W&B run name and group: the configured ones, else `<job type>-<run dir name>`; in a multirun the name gets the
     job number (one run per job) and the group defaults to the sweep directory's name."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache_core import validate as v
 from cache_core.models.base import DiffusionModel, ModelFacts, rowwise
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,15 @@ class ModelConfig:
     weight_tying: bool = False
 
     def __post_init__(self) -> None:
+        # Types first: a config.json with `"d_model": "128"` must say so, not fail comparing str and int.
+        for name in ("vocab_size", "mask_token_id", "d_model", "n_layers", "n_heads", "mlp_hidden_size",
+                     "max_sequence_length"):
+            v.number(name, getattr(self, name), integer=True)
+        for name in ("n_kv_heads", "embedding_size"):
+            v.number(name, getattr(self, name), integer=True, optional=True)
+        v.number("rope_theta", self.rope_theta, low=0.0, open_low=True)
+        v.number("rms_norm_eps", self.rms_norm_eps, low=0.0, open_low=True)
+        v.flag("weight_tying", self.weight_tying)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.embedding_size is None:
