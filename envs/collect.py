@@ -140,6 +140,9 @@ def collect(env: BlockReuseEnv, settings: CollectConfig, run: Any = None) -> dic
     for summary in writer.manifest["episode_summary"]:  # a resumed collection's episodes so far
         per_behaviour[summary["label"]].append(summary)
     first = writer.episodes
+    if first > episodes:
+        raise ValueError(f"{writer.directory} already holds {first} episodes, more than collect.episodes={episodes}: "
+                         "ask for at least as many as are there")
     bar = tqdm(range(first, episodes), desc="collect", unit="episode", disable=not s.progress_bar, mininterval=1.0,
                initial=first, total=episodes)
     for episode in bar:

@@ -2,7 +2,8 @@
 
 Format version 1 (`SHARD_FORMAT_VERSION`). A shard directory holds
 
-    manifest.json               what the data is (below); written after every shard, `complete: true` at the end
+    manifest.json               what the data is (below); written when the collection starts and after every shard
+                                (atomically), `complete: true` at the end
     shard-00000.safetensors     rows 0 .. S0-1
     shard-00001.safetensors     ...
 
@@ -80,7 +81,7 @@ COLUMNS: dict[str, tuple[torch.dtype, tuple[str, ...]]] = {
 RECOLLECT = "re-collect the shards with `python train.py mode=collect`"
 
 
-_SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+_SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
 
 
 class ShardFormatError(ValueError):
@@ -108,11 +109,20 @@ class ShardWriter:
         self._buffer: dict[str, list[Any]] = {k: [] for k in COLUMNS}
         self._buffered_episodes: list[dict[str, Any]] = []
         existing = self.directory / MANIFEST_FILE
-        if resume and existing.exists():
+        if resume and not existing.exists():
+            raise FileNotFoundError(f"{self.directory}: no collection to resume (no {MANIFEST_FILE}); give the killed "
+                                    "run's collect.output_dir, or drop collect.resume to start a new collection")
+        if resume:
             self.manifest = read_manifest(self.directory)  # refuses another format or schema
             if self.manifest.get("complete"):
                 raise FileExistsError(f"{self.directory} holds a complete collection: nothing to resume (choose "
                                       "another output directory, or collect.overwrite=true to replace it)")
+            # The same collection or none: a resume under other settings would mix two data sets silently.
+            changed = sorted(k for k in RESUME_KEYS if _jsonable_tree(manifest.get(k)) !=
+                             _jsonable_tree(self.manifest.get(k)))
+            if changed:
+                raise ValueError(f"{self.directory}: resuming with other settings than the killed collection had "
+                                 f"({', '.join(changed)} differ); resume with its settings, or collect anew")
             self._drop_orphans()
             log.info("resuming the collection in %s after %d episodes (%d rows)", self.directory,
                      self.manifest["episodes"], self.manifest["rows"])
@@ -195,6 +205,14 @@ class ShardWriter:
         tmp = self.directory / (MANIFEST_FILE + ".tmp")
         tmp.write_text(json.dumps(self.manifest, indent=1, default=_jsonable))
         tmp.replace(self.directory / MANIFEST_FILE)
+
+
+RESUME_KEYS = ("seed", "split", "behaviour", "env", "action_mode", "n_layers", "max_blocks")
+
+
+def _jsonable_tree(x: Any) -> Any:
+    """A manifest value as it reads back from JSON (for comparing a new collection's settings with a stored one)."""
+    return json.loads(json.dumps(x, default=_jsonable))
 
 
 def _jsonable(x: Any) -> Any:

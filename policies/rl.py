@@ -137,6 +137,10 @@ def load_agent(path: str | Path, rl: RLConfig, env: Any, action_mode: str,
                          f"rl.env.action_mode={record.get('action_mode')}")
     if record.get("algo") != rl.algo.lower():
         raise ValueError(f"{path}: written by {record.get('algo')!r}, but rl.algo={rl.algo!r}")
+    blocks = int(env.observation_space["blocks"].shape[0])
+    if record.get("max_blocks") != blocks:
+        raise ValueError(f"{path}: trained on observations of {record.get('max_blocks')} blocks, this env has "
+                         f"{blocks}; resume with the env settings it was trained with (max_prompt_length, gen_length)")
     if record.get("policy_config"):
         rl = replace(rl, policy=RLPolicyConfig(**record["policy_config"]))
     model = build_agent(rl, env, action_mode)

@@ -212,7 +212,8 @@ class GenerationCheck(L.Callback):
         for i in range(0, len(self.examples), self.batch_size):
             batch = self.examples[i:i + self.batch_size]
             prompts = [self._tokenizer.encode(e.prompt) for e in batch]
-            result = generate(self._model, prompts, policy=policy, budget=self.budget, **self.gen)
+            budget = self.budget if policy.budget_conditioned else None  # the no-cache reference reads no budget
+            result = generate(self._model, prompts, policy=policy, budget=budget, **self.gen)
             flops += result.stats.flops
             answers += [self._tokenizer.decode(row.tolist()) for row in result.tokens]
         em = sum(score(a, e) for a, e in zip(answers, self.examples)) / len(self.examples)
@@ -260,6 +261,10 @@ def atomic_checkpoint(**kwargs: Any) -> L.Callback:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class AtomicModelCheckpoint(ModelCheckpoint):
+        @property
+        def state_key(self) -> str:  # as ModelCheckpoint's, so checkpoints written before keep their callback state
+            return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
         def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
             partial = filepath + ".partial"
             super()._save_checkpoint(trainer, partial)
@@ -365,9 +370,12 @@ def run(cfg: RootConfig) -> dict[str, Any]:
     # last.ckpt at every epoch's end (and every N training steps when asked), whether or not val/ap improved: a kill
     # loses at most that much training.
     last = atomic_checkpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
-                             every_n_train_steps=pcfg.checkpoint_every_n_steps, save_on_train_epoch_end=True,
-                             enable_version_counter=False)
+                             save_on_train_epoch_end=True, enable_version_counter=False)
     callbacks: list[L.Callback] = [checkpoint, last]
+    if pcfg.checkpoint_every_n_steps:  # Lightning takes steps or epochs per callback: a second one for the steps
+        callbacks.append(atomic_checkpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
+                                           every_n_train_steps=pcfg.checkpoint_every_n_steps,
+                                           enable_version_counter=False))
     check = generation_check(cfg)
     if check is not None:
         callbacks.append(check)
@@ -379,7 +387,7 @@ def run(cfg: RootConfig) -> dict[str, Any]:
         trainer = L.Trainer(**tcfg.kwargs(), callbacks=callbacks, logger=logger if logger else False,
                             default_root_dir=cfg.paths.output)
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=dm, ckpt_path=pcfg.resume)
+        trainer.fit(module, datamodule=dm, ckpt_path=pcfg.resume, weights_only=True)  # tensors, never code
         seconds = time.perf_counter() - t0
         best = checkpoint.best_model_path or str(ckpt_dir / "last.ckpt")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}

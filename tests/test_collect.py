@@ -265,6 +265,12 @@ def test_a_stopped_collection_resumes_to_the_same_data(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="envs.shards"):
         assert load_shards(stopped)["episode"].max() == 1  # the orphan is left out, and said so
     assert "not in the manifest" in caplog.text
+    with pytest.raises(ValueError, match="resuming with other settings than the killed collection had .seed"):
+        collect(env, settings(tmp_path, episodes=5, flush_episodes=1, output_dir=str(stopped), resume=True, seed=9))
+    with pytest.raises(ValueError, match="already holds 2 episodes, more than collect.episodes=1"):
+        collect(env, settings(tmp_path, episodes=1, flush_episodes=1, output_dir=str(stopped), resume=True))
+    with pytest.raises(FileNotFoundError, match="no collection to resume"):
+        collect(env, settings(tmp_path, episodes=5, output_dir=str(tmp_path / "typo"), resume=True))
     resumed = collect(env, settings(tmp_path, episodes=5, flush_episodes=1, output_dir=str(stopped), resume=True))
     assert resumed["resumed_at"] == 2 and resumed["episodes"] == 5
     a, b = load_shards(whole["output_dir"]), load_shards(stopped)

@@ -226,8 +226,16 @@ def test_variants_train(tmp_path, variant):
     from policies.supervised import SupervisedPredictor, run
 
     write_synthetic_shards(tmp_path / "shards", episodes=10, steps=6)
-    overrides = (["policy=transformer", "policy.action_mode=depth"] if variant == "transformer-depth"
-                 else ["policy.budget_conditioned=true", "policy.budget_epsilons=[0.02,0.05,0.1]"])
+    if variant == "transformer-depth":
+        overrides = ["policy=transformer", "policy.action_mode=depth"]
+    else:  # with the generation check at a budget: the live predictor reads it, the no-cache reference does not
+        from envs.testing import save_tiny_checkpoint
+
+        model = save_tiny_checkpoint(tmp_path / "tiny")
+        overrides = ["policy.budget_conditioned=true", "policy.budget_epsilons=[0.02,0.05,0.1]",
+                     f"paths.model={model}", "policy.generation_check.enabled=true",
+                     "policy.generation_check.budget=0.3", "policy.generation_check.n_prompts=2",
+                     "generation.gen_length=16", "generation.block_length=8", "generation.steps=4"]
     result = run(compose_cfg(tmp_path, "trainer.max_epochs=2", *overrides))
     module = SupervisedPredictor.load_from_checkpoint(result["best_ckpt"], map_location="cpu")
     if variant == "budget":
