@@ -6,7 +6,9 @@ from cache_core.registry import policy_registry
 
 
 def main() -> None:
-    print("Model families (config.json model_type):", ", ".join(sorted(FAMILIES)))
+    print("Model families:", ", ".join(f"{name} (config.json model_type {cls.model_type or name!r}"
+                                       + (" with MoE keys)" if name == "llada_moe" else ")")
+                                       for name, cls in sorted(FAMILIES.items())))
     print("Policies:", ", ".join(f"{name}({cls.knob})" if cls.knob else name
                                  for name, cls in policy_registry().items()), "+ exported learned policy files")
     print(f"Schema id: {SCHEMA_ID}\n")

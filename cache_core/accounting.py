@@ -5,7 +5,8 @@ A model family states the FLOPs of one of its layers for n recomputed positions 
 SwiGLU width f:
     projections 2·n·d·(d + 2·d_kv)  (q, k, v)  +  2·n·d·d  (attention output)  +  2·n·3·d·f  (SwiGLU MLP)
     attention   4·n·N·d             (scores and weighted sum)
-plus the LM head, 2·n_out·d·vocab, for the positions whose logits the step reads. A full recompute of the same step
+(an MoE layer counts its router and the experts each position was routed to), plus the LM head, 2·n_out·d·vocab,
+for the positions whose logits the step reads. A full recompute of the same step
 runs every valid position in every layer; the fraction reported is spent / full on the same steps.
 """
 
@@ -20,14 +21,16 @@ from cache_core.models.base import DiffusionModel
 
 def step_flops(model: DiffusionModel, active_counts: torch.Tensor, n_keys: torch.Tensor, n_out: int) -> float:
     """FLOPs of a partial forward: active_counts (n_layers, B) positions run per layer, n_keys (B,) valid keys."""
-    per_layer = model.layer_flops(active_counts.double(), n_keys.double()[None, :].cpu())
-    return float(per_layer.sum()) + model.head_flops(n_out * active_counts.shape[1])
+    counts, keys = active_counts.double(), n_keys.double().cpu()
+    spent = sum(float(model.layer_flops(counts[layer], keys, layer).sum()) for layer in range(counts.shape[0]))
+    return spent + model.head_flops(n_out * active_counts.shape[1])
 
 
 def full_step_flops(model: DiffusionModel, n_keys: torch.Tensor, n_out: int) -> float:
     """FLOPs a full recompute of the same canvas would spend: every valid position in every layer."""
     n = n_keys.double().cpu()
-    return float(model.layer_flops(n, n).sum()) * model.facts.n_layers + model.head_flops(n_out * n.numel())
+    spent = sum(float(model.layer_flops(n, n, layer).sum()) for layer in range(model.facts.n_layers))
+    return spent + model.head_flops(n_out * n.numel())
 
 
 @dataclass

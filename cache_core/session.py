@@ -150,8 +150,10 @@ class DecodingSession:
         return torch.arange(s, s + self.block_length, device=self.canvas.device).expand(self.batch_size, -1)
 
     def required_positions(self) -> torch.Tensor:
+        """The decoding block and the positions its logits come from (a shifted-logit family adds the one before)."""
         required = torch.zeros_like(self.canvas, dtype=torch.bool)
         required[:, self.cache.block_slice(self.decoding_block)] = True
+        required.scatter_(1, self.model.logit_sources(self.block_positions()), True)
         return required
 
     def features(self, budget: float | None = None) -> StepFeatures:

@@ -195,6 +195,8 @@ def reference_generate(model: LLaDAModel, prompts: list[list[int]], gen_length: 
     ids = torch.cat([ids, torch.full((B, gen_length), mask_id)], dim=1)
     key_mask = torch.cat([key_mask, torch.ones(B, gen_length, dtype=torch.bool)], dim=1)
     positions = torch.cat([positions, lengths[:, None] + torch.arange(gen_length)[None, :]], dim=1)
+    device = next(model.parameters()).device  # a CUDA model runs its reference there too
+    ids, key_mask, positions = ids.to(device), key_mask.to(device), positions.to(device)
 
     n_blocks = gen_length // block_length
     block_logits: list[torch.Tensor] = []
@@ -226,7 +228,7 @@ def reference_generate(model: LLaDAModel, prompts: list[list[int]], gen_length: 
                     sel = keep.nonzero().flatten()
                 ids[b, sel] = x0[b, sel]
             i += 1
-    return ids[:, P:].clone(), block_logits
+    return ids[:, P:].clone().cpu(), [b.cpu() for b in block_logits]
 
 
 # ---------------------------------------------------------------------------------------------------------------

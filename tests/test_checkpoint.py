@@ -182,13 +182,13 @@ def rewrite_unsharded(directory: Path, tensors: dict[str, torch.Tensor]) -> None
 
 def test_config_shape_mismatch(llada_dir: Path) -> None:
     edit_config(llada_dir, d_model=64)
-    with pytest.raises(CheckpointError, match=r"has shape \(48, 32\) but config.json implies \(48, 64\).*d_model"):
+    with pytest.raises(CheckpointError, match=r"has shape \([\d, ]+\) but config.json implies \([\d, ]+\).*d_model"):
         load_model(llada_dir)
 
 
 def test_n_kv_heads_mismatch(llada_dir: Path) -> None:
     edit_config(llada_dir, n_kv_heads=4)
-    with pytest.raises(CheckpointError, match=r"k_proj.weight has shape \(16, 32\).*n_kv_heads"):
+    with pytest.raises(CheckpointError, match=r"[kv]_proj.weight has shape \(16, 32\).*n_kv_heads"):
         load_model(llada_dir)
 
 
@@ -258,7 +258,7 @@ def test_garbage_safetensors_file(tmp_path: Path) -> None:
 
 def test_missing_shard(llada_dir: Path) -> None:
     (llada_dir / "model-00001-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="cannot read weights"):
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors. is missing.*incomplete"):
         load_model(llada_dir)
 
 

@@ -45,15 +45,32 @@ def test_save_load_round_trip(tmp_path):
     tok = Tokenizer()
     path = tok.save(tmp_path)
     assert path.name == "tokenizer.json"
-    data = json.loads(path.read_text())  # plain JSON
-    assert data["special_tokens"] == ["<pad>", "<mask>", "<eos>"]
+    data = json.loads(path.read_text())  # a Hugging Face tokenizer file, readable by `tokenizers` alone
+    assert data["model"]["type"] == "WordLevel"
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_file(str(path))
+    assert backend.encode("from a:").ids == tok.encode("from a:")
+    assert [backend.token_to_id(t) for t in ("<pad>", "<mask>", "<eos>")] == [0, 1, 2]
     loaded = load_tokenizer(tmp_path)
     assert loaded.vocab == tok.vocab
     assert Tokenizer.load(path).encode("from a:") == tok.encode("from a:")
 
 
+def test_legacy_char_file_reads_as_the_same_tokenizer(tmp_path, caplog):
+    legacy = {"format": "blockreuse-char", "version": 1, "special_tokens": ["<pad>", "<mask>", "<eos>"],
+              "chars": "\n" + "".join(chr(c) for c in range(32, 127))}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(legacy))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.vocab == Tokenizer().vocab
+    assert "old blockreuse-char format" in caplog.text
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**legacy, "chars": 5}))
+    with pytest.raises(ValueError, match="without valid 'chars'"):
+        Tokenizer.load(tmp_path)
+
+
 def test_malformed_files_raise_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer file.*tokenizer.json"):
         Tokenizer.load(tmp_path)
     path = tmp_path / "tokenizer.json"
     path.write_text("{not json")
@@ -66,15 +83,11 @@ def test_malformed_files_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="must be a JSON object, this one is a list"):
         Tokenizer.load(tmp_path)
     path.write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(ValueError, match="wrong 'format'"):
+    with pytest.raises(ValueError, match="not a Hugging Face tokenizer.json"):
         Tokenizer.load(tmp_path)
-    good = Tokenizer().to_dict()
-    path.write_text(json.dumps({**good, "version": 99}))
-    with pytest.raises(ValueError, match="unsupported tokenizer version"):
+    good = json.loads(Tokenizer().save(tmp_path / "good").read_text())
+    path.write_text(json.dumps({**good, "model": {"type": "NoSuchModel"}}))
+    with pytest.raises(ValueError, match="cannot load the tokenizer"):
         Tokenizer.load(tmp_path)
-    path.write_text(json.dumps({**good, "chars": "aa"}))
     with pytest.raises(ValueError, match="unique"):
-        Tokenizer.load(tmp_path)
-    path.write_text(json.dumps({**good, "chars": 5}))
-    with pytest.raises(ValueError, match="'chars' must be a string"):
-        Tokenizer.load(tmp_path)
+        Tokenizer.builtin("aa")

@@ -196,14 +196,15 @@ def write_results(rows: list[Row], directory: str | Path, name: str, meta: dict[
     return {"json": str(json_path), "table": str(directory / f"{name}.txt"), "plot": str(png)}
 
 
-def load_model_and_tokenizer(directory: str | Path) -> tuple[DiffusionModel, Any]:
-    """The model at `directory` and the tokenizer saved beside it, with a clear error when it is missing."""
+def load_model_and_tokenizer(directory: str | Path, device: str = "cpu") -> tuple[DiffusionModel, Any]:
+    """The model at `directory` (any family; loaded straight onto `device`, bf16 on CUDA) and its tokenizer, with a
+    clear error when it is missing."""
     from cache_core.checkpoint import load_model, load_tokenizer
 
     if not (Path(directory) / "config.json").is_file():
         raise FileNotFoundError(f"no model checkpoint at {directory}: train the built-in model with `python train.py "
                                 "mode=pretrain` or set paths.model")
-    return load_model(directory), load_tokenizer(directory)
+    return load_model(directory, device=device), load_tokenizer(directory)
 
 
 def run(cfg: Any) -> dict:
@@ -212,8 +213,7 @@ def run(cfg: Any) -> dict:
     from cache_core.bench.tasks import TaskSuite
 
     b = cfg.benchmark
-    model, tokenizer = load_model_and_tokenizer(cfg.paths.model)
-    model = model.to(b.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.paths.model, device=b.device)
     examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(b.split, b.n_examples)
     specs = heuristic_specs(b.policies, include_oracle=b.include_oracle)
     caps = dict(b.examples_per_batch_size)

@@ -10,7 +10,7 @@ The engine talks to every family through `DiffusionModel`:
   output head, which the accounting sums over what actually ran.
 
 Both forwards are written here once, over five per-layer primitives a family implements (`embed`, `layer_qkv`,
-`layer_finish`, `value_probe`, `lm_head`), so a new transformer family (Dream, an MoE) is its layer maths plus a
+`layer_finish`, `value_probe`, `output_logits`), so a new transformer family (Dream, an MoE) is its layer maths plus a
 config reader; a family whose compute does not fit these primitives overrides the forwards instead. Loading and
 saving use the classmethod `config_from_dict` and the methods `checkpoint_tensors`, `checkpoint_state` and
 `config_dict` (see `cache_core.checkpoint`).
@@ -76,6 +76,10 @@ class DiffusionModel(nn.Module):
     """A masked-diffusion network behind the engine's one protocol (see the module docstring)."""
 
     family: ClassVar[str] = ""
+    model_type: ClassVar[str] = ""  # what config.json's model_type says for this family ("" = the family name)
+    # 1 for a family whose network predicts token i from hidden state i - 1 (Dream): its forwards shift the logits so
+    # that the engine still reads position i's prediction at i, and `logit_sources` names the outputs that needs.
+    logit_shift: ClassVar[int] = 0
     # For the loader's error messages when a directory does not match its config: the weight names, the config key
     # of the layer count, and the config keys that set the weights' shapes.
     weight_names_hint: ClassVar[str] = ""
@@ -110,12 +114,14 @@ class DiffusionModel(nn.Module):
     def value_probe_flops(self, n_positions: float) -> float:
         raise NotImplementedError
 
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, n, hidden) last-layer outputs -> (B, n, vocab_size) fp32 logits."""
         raise NotImplementedError
 
-    def layer_flops(self, n_queries: torch.Tensor | float, n_keys: torch.Tensor | float) -> torch.Tensor | float:
-        """FLOPs of one layer for n_queries recomputed positions attending to n_keys keys."""
+    def layer_flops(self, n_queries: torch.Tensor | float, n_keys: torch.Tensor | float, layer: int = 0
+                    ) -> torch.Tensor | float:
+        """FLOPs of layer `layer` for n_queries recomputed positions attending to n_keys keys (a family whose layers
+        differ, e.g. dense and MoE layers, reads `layer`)."""
         raise NotImplementedError
 
     def head_flops(self, n_out: float) -> float:
@@ -152,6 +158,19 @@ class DiffusionModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def logit_sources(self, positions: torch.Tensor) -> torch.Tensor:
+        """The positions whose last-layer outputs give the logits of `positions` (the same positions unless the family
+        shifts its logits). A partial forward must compute these from layer 0; the session asks the cache for them."""
+        if not self.logit_shift:
+            return positions
+        # Dream's generation: logits = cat([logits[:, :1], logits[:, :-1]]), so position 0 reads its own output.
+        return (positions - self.logit_shift).clamp(min=0)
+
+    def _shift(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.logit_shift:
+            return logits
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
     def check_input(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -180,7 +199,7 @@ class DiffusionModel(nn.Module):
                 keys.append(k)
                 values.append(v)
             x = self.layer_finish(layer, x, q, k, v, key_mask)
-        logits = self.lm_head(x)
+        logits = self._shift(self.output_logits(x))
         return (logits, keys, values) if return_kv else logits
 
     def forward_partial(self, input_ids: torch.Tensor, cache: BlockKVCache, start_layer: torch.Tensor,
@@ -189,7 +208,8 @@ class DiffusionModel(nn.Module):
         """Forward that recomputes position p only in layers >= start_layer[b, p] and reuses the cache elsewhere.
 
         input_ids: (B, N) canvas; start_layer: (B, N) ints in [0, n_layers] (n_layers = reuse in every layer);
-        logit_positions: (B, n_out) positions whose logits are returned; they must start at layer 0.
+        logit_positions: (B, n_out) positions whose logits are returned; they and their `logit_sources` must start at
+            layer 0.
         trace_attention: True/"all": record every layer's attention of the logit queries (Elastic-Cache reads them);
             "last": the last layer's only (all the feature schema reads); False: none.
         adaptive: optional (candidates (B, N) bool, fraction rho): dLLM-Cache's per-layer rule; at each layer the
@@ -202,8 +222,11 @@ class DiffusionModel(nn.Module):
         n_layers = self.facts.n_layers
         B, N = input_ids.shape
         rows = torch.arange(B, device=input_ids.device)[:, None]
-        if not bool((start_layer.gather(1, logit_positions) == 0).all()):
-            raise ValueError("every logit position must be recomputed from layer 0 (start_layer == 0)")
+        sources = self.logit_sources(logit_positions)
+        needed = torch.cat([logit_positions, sources], dim=1)
+        if not bool((start_layer.gather(1, needed) == 0).all()):
+            raise ValueError("every logit position and the position its logits come from (model.logit_sources) must be "
+                             "recomputed from layer 0 (start_layer == 0)")
 
         first = start_layer == 0
         if bool(first.any()):
@@ -249,14 +272,14 @@ class DiffusionModel(nn.Module):
                 cache.hidden[layer + 1][rows, idx] = x
             else:
                 out = x
-        # Logit positions are active in the last layer; find them among its active rows (idx is that layer's).
-        where = (idx[:, None, :] == logit_positions[:, :, None]).float().argmax(-1)
+        # The logits' source positions are active in the last layer; find them among its active rows (idx is its).
+        where = (idx[:, None, :] == sources[:, :, None]).float().argmax(-1)
         final = out.gather(1, where[..., None].expand(-1, -1, out.shape[-1]))
         nan = torch.full_like(drift_sum, float("nan"))
         value_drift = torch.where(drift_n > 0, drift_sum / drift_n.clamp(min=1), nan)
         trace = PartialForwardTrace(active_counts=active_counts, attention_to_keys=attention, value_drift=value_drift,
                                     extra_flops=extra_flops, adaptive_counts=adaptive_counts)
-        return self.lm_head(final), trace
+        return self.output_logits(final), trace
 
     def _adaptive_choice(self, cache: BlockKVCache, layer: int, candidates: torch.Tensor, rho: float
                          ) -> tuple[torch.Tensor, float]:

@@ -245,7 +245,7 @@ class LLaDAModel(DiffusionModel):
     def value_probe_flops(self, n_positions: float) -> float:
         return 2.0 * n_positions * self.config.d_model * self.config.d_kv
 
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         h = self.transformer["ln_f"](hidden)
         if self.config.weight_tying:
             logits = F.linear(h, self.transformer["wte"].weight)
@@ -255,7 +255,8 @@ class LLaDAModel(DiffusionModel):
         return logits[..., : self.config.vocab_size].float()
 
     # --- accounting -------------------------------------------------------------------------------------------------
-    def layer_flops(self, n_queries: torch.Tensor | float, n_keys: torch.Tensor | float) -> torch.Tensor | float:
+    def layer_flops(self, n_queries: torch.Tensor | float, n_keys: torch.Tensor | float, layer: int = 0
+                    ) -> torch.Tensor | float:
         """projections 2·n·d·(d + 2·d_kv) (q, k, v) + 2·n·d·d (attention output) + 2·n·3·d·f (SwiGLU MLP);
         attention 4·n·N·d (scores and weighted sum)."""
         d, d_kv, f = self.config.d_model, self.config.d_kv, self.config.mlp_hidden_size
