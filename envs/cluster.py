@@ -17,10 +17,11 @@ that `evaluate.backend=ray` shares (the `ray` config group, `envs.config.RayConf
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,48 @@ def ray_error(err: Exception, what: str, ray_cfg: RayConfig, keep: str) -> Excep
 
     if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
         return err.cause
+    if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
+        # The worker's own start failed (a missing model, a bad setting): the traceback's last line says why.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line)),
+                      lines[-1] if lines else "")
+        return RuntimeError(f"{what}: a Ray worker could not start: {reason}")
     return RuntimeError(f"{what}: a Ray worker was lost and not brought back within ray.max_retries="
                         f"{ray_cfg.max_retries} restarts ({type(err).__name__}: {str(err).splitlines()[0]}); {keep}")
+
+
+def run_tasks(workers: list[Any], calls: list[tuple[str, tuple[Any, ...]]], what: str, ray_cfg: RayConfig,
+              keep: str) -> Iterator[tuple[int, Any]]:
+    """Run calls (method name, arguments) on Ray actors, one at a time per worker, the next call going to the
+    first worker that is free; yields (index of the call, its result) as calls finish. After a failure no new call
+    starts, the running ones finish (and are yielded, so their work is kept), then the first error is raised
+    (`ray_error`: `keep` says what is kept)."""
+    import ray
+
+    todo, pending = list(reversed(range(len(calls)))), {}
+    errors: list[Exception] = []
+
+    def submit(i: int) -> None:
+        if todo:
+            k = todo.pop()
+            method, args = calls[k]
+            pending[getattr(workers[i], method).remote(*args)] = (i, k)
+
+    for i in range(len(workers)):
+        submit(i)
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        i, k = pending.pop(ref)
+        try:
+            result = ray.get(ref)
+        except (ray.exceptions.RayError, OSError) as err:
+            errors.append(err)
+            todo.clear()
+            continue
+        submit(i)
+        yield k, result
+    if errors:
+        raise ray_error(errors[0], what, ray_cfg, keep) from None
 
 
 # --- collection ------------------------------------------------------------------------------------------------------
@@ -157,7 +198,7 @@ class CollectWorker:
         from envs.collect import play_episode
         from envs.shards import COLUMNS, SHARD_PATTERN, write_shard
 
-        started = time.perf_counter()
+        started, shadow = time.perf_counter(), self.env.timings["shadow_s"]
         buffer: dict[str, list[Any]] = {k: [] for k in COLUMNS}
         summaries = []
         for episode in range(first, stop):
@@ -170,6 +211,7 @@ class CollectWorker:
         name = SHARD_PATTERN.format(shard_index)
         n = write_shard(self.directory / name, buffer)
         return {"file": name, "rows": n, "summaries": summaries, "play_seconds": played - started,
+                "shadow_seconds": self.env.timings["shadow_s"] - shadow,
                 "write_seconds": time.perf_counter() - played, "node": ray.util.get_node_ip_address()}
 
 
@@ -191,13 +233,16 @@ def collect_ray(env_kwargs: dict[str, Any], settings: CollectConfig, ray_cfg: Ra
         check_resources(ray_cfg)
         started = time.perf_counter()
         actor = ray.remote(CollectWorker).options(**worker_options(ray_cfg))
-        kwargs_ref = ray.put(env_kwargs)  # one copy in the object store for every worker
         directory = str(per_job(s.output_dir))
         Path(directory).mkdir(parents=True, exist_ok=True)
-        workers = [actor.remote(env_factory or BlockReuseEnv, kwargs_ref, s, directory)
+        workers = [actor.remote(env_factory or BlockReuseEnv, env_kwargs, s, directory)
                    for _ in range(ray_cfg.num_workers)]
-        headers = ray.get([w.header.remote() for w in workers])  # every worker has loaded its model
+        try:
+            headers = ray.get([w.header.remote() for w in workers])  # every worker has loaded its model
+        except ray.exceptions.RayError as err:
+            raise ray_error(err, "collect.backend=ray", ray_cfg, "nothing was collected") from None
         load_seconds = [h.pop("_load_seconds") for h in headers]
+        ready_seconds = time.perf_counter() - started  # worker processes started, imports done, models loaded
         writer = open_writer(s, headers[0])
         first, base = writer.episodes, len(writer.manifest["shards"])
         ranges = [(base + k, lo, min(lo + chunk, s.episodes)) for k, lo in enumerate(range(first, s.episodes, chunk))]
@@ -207,45 +252,27 @@ def collect_ray(env_kwargs: dict[str, Any], settings: CollectConfig, ray_cfg: Ra
                 "collect.resume=true")
         bar = tqdm(total=s.episodes, initial=first, desc="collect (ray)", unit="episode",
                    disable=not s.progress_bar, mininterval=1.0)
-        todo, pending, done = list(reversed(ranges)), {}, {}
-        next_shard, timing = base, {"play_seconds": 0.0, "write_seconds": 0.0}
+        done: dict[int, dict[str, Any]] = {}
+        next_shard, timing = base, {"play_seconds": 0.0, "shadow_seconds": 0.0, "write_seconds": 0.0}
         nodes: set[str] = set()
-
-        def submit(i: int) -> None:
-            if todo:
-                shard, lo, hi = todo.pop()
-                pending[workers[i].play.remote(shard, lo, hi)] = (i, shard)
-
-        for i in range(len(workers)):
-            submit(i)
-        errors: list[Exception] = []
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            i, shard = pending.pop(ref)
-            try:
-                done[shard] = ray.get(ref)
-            except (ray.exceptions.RayError, OSError) as err:
-                errors.append(err)
-                todo.clear()  # no new work; what the other workers are finishing still joins the manifest
-                continue
-            bar.update(len(done[shard]["summaries"]))
-            submit(i)
+        calls = [("play", (shard, lo, hi)) for shard, lo, hi in ranges]
+        for k, result in run_tasks(workers, calls, "collect.backend=ray", ray_cfg, keep):
+            done[base + k] = result
+            bar.update(len(result["summaries"]))
             while next_shard in done:  # the manifest counts episodes 0..n-1: shards join it in episode order
                 result = done.pop(next_shard)
                 writer.add_shard(result["file"], result["rows"], result["summaries"])
-                timing = {k: timing[k] + result[k] for k in timing}
+                timing = {key: timing[key] + result[key] for key in timing}
                 nodes.add(result["node"])
                 if run is not None:
                     for summary in result["summaries"]:
-                        run.log({f"collect/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+                        run.log({f"collect/{key}": v for key, v in summary.items() if isinstance(v, (int, float))})
                 next_shard += 1
             bar.set_postfix(rows=writer.manifest["rows"], refresh=False)
         bar.close()
-        if errors:
-            raise ray_error(errors[0], "collect.backend=ray", ray_cfg, keep) from None
         out = collect_result(writer, s, first, time.perf_counter() - started)
         return {**out, "backend": "ray", "workers": len(workers), "nodes": len(nodes),
-                "worker_load_seconds": load_seconds, **timing}
+                "worker_load_seconds": load_seconds, "workers_ready_seconds": ready_seconds, **timing}
     finally:
         for w in workers:
             ray.kill(w)

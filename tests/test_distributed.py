@@ -154,6 +154,8 @@ def test_config_refuses_a_ray_collection_without_ranges_and_bad_ray_values(tmp_p
         compose_cfg(tmp_path, "collect.backend=spark")
     with pytest.raises(ValueError, match="rl.vec_env"):
         compose_cfg(tmp_path, "rl.vec_env=mpi")
+    trainer = compose_cfg(tmp_path, "trainer=fsdp", "trainer.num_nodes=2").trainer  # GPUs only: composed, not run
+    assert trainer.kwargs()["strategy"] == "fsdp" and trainer.kwargs()["num_nodes"] == 2
 
 
 def test_a_full_disk_keeps_the_collected_shards_and_resumes(ray_local, monkeypatch, tmp_path, local_data):
@@ -256,3 +258,40 @@ def test_train_agent_runs_on_ray_env_workers(ray_local, tmp_path):
                  checkpoint={"freq": 0})
     result = train_agent(rl, env_kwargs(), tmp_path / "out", ray=ray_cfg(tmp_path))
     assert result["timesteps"] == 64 and Path(result["policy"]).is_file()
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------------
+def test_ray_evaluation_gives_the_local_rows(ray_local, tmp_path):
+    """evaluate.backend=ray through the job: 2 prompt batches on 2 workers, a learned policy file among the
+    heuristics; every row field equals the local run's except the wall times (and the speedups made of them)."""
+    from envs.testing import save_tiny_checkpoint
+    from policies.evaluate import run
+    from policies.export import export_onnx
+    from policies.predictor import BlockPredictor
+
+    model = save_tiny_checkpoint(tmp_path / "tiny")
+    torch.manual_seed(0)
+    export_onnx(BlockPredictor(hidden=8), tmp_path / "predictor", action_mode="binary", output="refresh_logit",
+                n_layers=2)
+    common = [f"paths.model={model}", "generation.gen_length=16", "generation.block_length=8", "generation.steps=4",
+              "evaluate.n_examples=4", "evaluate.batch_sizes=[2]", "evaluate.heuristics=[never,dual_cache]",
+              "evaluate.thresholds=[0.5]", "evaluate.progress=false", "ray.num_workers=2",
+              f"evaluate.learned=[{{name: predictor, path: '{tmp_path / 'predictor.onnx'}'}}]"]
+    rows = {}
+    for backend in ("local", "ray"):
+        out = run(compose_cfg(tmp_path / backend, *common, f"evaluate.backend={backend}"))
+        data = json.loads(Path(out["json"]).read_text())
+        assert data["meta"]["backend"] == backend
+        rows[backend] = [{k: v for k, v in r.items() if k not in ("wall_s", "speedup")} for r in data["rows"]]
+    assert rows["ray"] == rows["local"]
+    assert {r["family"] for r in rows["ray"]} == {"full", "never", "dual_cache", "oracle", "predictor"}
+    assert len({r["flop_fraction"] for r in rows["ray"]}) > 2  # the policies differ, so equality is informative
+    with pytest.raises(FileNotFoundError, match="mode=pretrain"):
+        run(compose_cfg(tmp_path, f"paths.model={tmp_path / 'none'}", "evaluate.backend=ray"))
+
+
+def test_a_worker_that_cannot_start_says_why(ray_local, tmp_path):
+    s = collect_settings(tmp_path, "ray", backend="ray")
+    with pytest.raises(RuntimeError, match=r"collect\.backend=ray: a Ray worker could not start: .*no-such-model"):
+        collect_ray(tiny_env_kwargs(model=None, model_path=str(tmp_path / "no-such-model")), s, ray_cfg(tmp_path))
+    assert not (tmp_path / "ray" / MANIFEST_FILE).exists()
