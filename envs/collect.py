@@ -12,7 +12,8 @@ Episodes cycle through the first `n_prompts` prompts of `split` (episode e plays
 split is covered evenly. Episode e draws from its own random streams (seeded by `seed` and e), and shards hold whole
 episodes written every `flush_episodes`: a killed collection loses at most those episodes, and `collect.resume=true`
 continues it to the same data an uninterrupted run writes. Rows are (observation the action was taken on, action,
-oracle labels of that state, reward).
+oracle labels of that state, reward). `collect.backend=ray` plays the same episodes on Ray workers
+(`envs.cluster.collect_ray`), each range of `flush_episodes` episodes written as one shard by its worker: the same rows.
 """
 
 from __future__ import annotations
