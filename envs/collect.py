@@ -12,7 +12,8 @@ Episodes cycle through the first `n_prompts` prompts of `split` (episode e plays
 split is covered evenly. Episode e draws from its own random streams (seeded by `seed` and e), and shards hold whole
 episodes written every `flush_episodes`: a killed collection loses at most those episodes, and `collect.resume=true`
 continues it to the same data an uninterrupted run writes. Rows are (observation the action was taken on, action,
-oracle labels of that state, reward).
+oracle labels of that state, reward). `collect.backend=ray` plays the same episodes on Ray workers
+(`envs.cluster.collect_ray`), each range of `flush_episodes` episodes written as one shard by its worker: the same rows.
 """
 
 from __future__ import annotations
@@ -113,66 +114,94 @@ class BehaviourPolicy:
         return comp["name"] if comp["knob"] is None else f"{comp['name']}({comp['knob']}={comp['value']})"
 
 
+def collection_header(env: BlockReuseEnv, settings: CollectConfig, behaviour: BehaviourPolicy) -> dict[str, Any]:
+    """What a collection is (the manifest's keys besides its counts): the same on every backend."""
+    return {
+        "n_layers": env.n_layers, "max_blocks": env.max_blocks, "n_block_features": N_BLOCK_FEATURES,
+        "n_global_features": N_GLOBAL_FEATURES, "block_feature_names": list(BLOCK_FEATURE_NAMES),
+        "global_feature_names": list(GLOBAL_FEATURE_NAMES), "action_mode": env.action_mode,
+        "split": env.prompts.split, "behaviour": {**asdict(settings.behaviour), **behaviour.describe()},
+        "env": env.describe(), "seed": settings.seed,
+    }
+
+
+def check_shadow(env: BlockReuseEnv) -> None:
+    if not env.use_shadow:
+        raise ValueError("collection records oracle labels and KL/flip, which need the shadow forward: build the env "
+                         "with shadow=true")
+
+
+def play_episode(env: BlockReuseEnv, behaviour: BehaviourPolicy, episode: int, seed: int
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Episode `episode` of a collection: its rows and its summary. It depends on (seed, episode) only, not on the
+    episodes before it, so a resumed collection or another process plays the very same episode."""
+    behaviour.start_episode(episode)
+    env_seed = int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
+    obs, _ = env.reset(seed=env_seed, options={"prompt_index": episode % len(env.prompts)})
+    rows: list[dict[str, Any]] = []
+    step, done, info = 0, False, {}
+    while not done:
+        action, random_action = behaviour.act()
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        rows.append({
+            "blocks": obs["blocks"], "block_mask": obs["block_mask"].astype(bool), "global": obs["global"],
+            "actions": np.asarray(action, dtype=np.int64), "oracle_drift": info["oracle_drift"],
+            "reward": reward, "kl": info["kl"], "flip": info["flip"], "flop_fraction": info["flop_fraction"],
+            "episode": episode, "step": step, "done": done, "prompt_index": env.prompt_index,
+            "behaviour": behaviour.component, "random_action": random_action,
+        })
+        obs, step = next_obs, step + 1
+    summary = {"episode": episode, "prompt_index": env.prompt_index, "behaviour": behaviour.component,
+               "label": behaviour.label(), "steps": step, "flop_fraction": info["episode_flop_fraction"],
+               **{k: info[k] for k in ("exact_match", "agreement") if k in info}}
+    return rows, summary
+
+
+def open_writer(settings: CollectConfig, header: dict[str, Any]) -> ShardWriter:
+    """The collection's ShardWriter (new, replacing or resuming), refusing more episodes on disk than asked for."""
+    from cache_core.bench.tracking import per_job
+
+    s = settings
+    writer = ShardWriter(per_job(s.output_dir), s.shard_size, header, overwrite=s.overwrite,
+                         flush_episodes=s.flush_episodes, resume=s.resume)
+    if writer.episodes > s.episodes:
+        raise ValueError(f"{writer.directory} already holds {writer.episodes} episodes, more than "
+                         f"collect.episodes={s.episodes}: ask for at least as many as are there")
+    return writer
+
+
 def collect(env: BlockReuseEnv, settings: CollectConfig, run: Any = None) -> dict[str, Any]:
     """Run `settings.episodes` episodes of `env` under the behaviour policy and write shards to `settings.output_dir`.
     run: the job's tracking run (`cache_core.bench.tracking.Run`), which gets per-episode metrics."""
     from tqdm.auto import tqdm
 
-    if not env.use_shadow:
-        raise ValueError("collection records oracle labels and KL/flip, which need the shadow forward: build the env "
-                         "with shadow=true")
+    check_shadow(env)
     s, seed, episodes = settings, settings.seed, settings.episodes
-    n_prompts = len(env.prompts)
     behaviour = BehaviourPolicy(s.behaviour, env, seed)
-    manifest = {
-        "n_layers": env.n_layers, "max_blocks": env.max_blocks, "n_block_features": N_BLOCK_FEATURES,
-        "n_global_features": N_GLOBAL_FEATURES, "block_feature_names": list(BLOCK_FEATURE_NAMES),
-        "global_feature_names": list(GLOBAL_FEATURE_NAMES), "action_mode": env.action_mode,
-        "split": env.prompts.split, "behaviour": {**asdict(s.behaviour), **behaviour.describe()},
-        "env": env.describe(), "seed": seed,
-    }
-    from cache_core.bench.tracking import per_job
-
-    writer = ShardWriter(per_job(s.output_dir), s.shard_size, manifest, overwrite=s.overwrite,
-                         flush_episodes=s.flush_episodes, resume=s.resume)
+    writer = open_writer(s, collection_header(env, s, behaviour))
     started = time.perf_counter()
-    per_behaviour: dict[str, list[dict[str, float]]] = defaultdict(list)
-    for summary in writer.manifest["episode_summary"]:  # a resumed collection's episodes so far
-        per_behaviour[summary["label"]].append(summary)
     first = writer.episodes
-    if first > episodes:
-        raise ValueError(f"{writer.directory} already holds {first} episodes, more than collect.episodes={episodes}: "
-                         "ask for at least as many as are there")
     bar = tqdm(range(first, episodes), desc="collect", unit="episode", disable=not s.progress_bar, mininterval=1.0,
                initial=first, total=episodes)
     for episode in bar:
-        behaviour.start_episode(episode)
-        # Seeded per episode: episode e is the same whether the collection ran through or was resumed before it.
-        env_seed = int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
-        obs, _ = env.reset(seed=env_seed, options={"prompt_index": episode % n_prompts})
-        step, done, info = 0, False, {}
-        while not done:
-            action, random_action = behaviour.act()
-            next_obs, reward, terminated, truncated, info = env.step(action)
-            done = terminated or truncated
-            writer.add({
-                "blocks": obs["blocks"], "block_mask": obs["block_mask"].astype(bool), "global": obs["global"],
-                "actions": np.asarray(action, dtype=np.int64), "oracle_drift": info["oracle_drift"],
-                "reward": reward, "kl": info["kl"], "flip": info["flip"], "flop_fraction": info["flop_fraction"],
-                "episode": episode, "step": step, "done": done, "prompt_index": env.prompt_index,
-                "behaviour": behaviour.component, "random_action": random_action,
-            })
-            obs, step = next_obs, step + 1
-        summary = {"episode": episode, "prompt_index": env.prompt_index, "behaviour": behaviour.component,
-                   "label": behaviour.label(), "steps": step, "flop_fraction": info["episode_flop_fraction"],
-                   **{k: info[k] for k in ("exact_match", "agreement") if k in info}}
+        rows, summary = play_episode(env, behaviour, episode, seed)
+        for row in rows:
+            writer.add(row)
         writer.end_episode(summary)
-        per_behaviour[behaviour.label()].append(summary)
         if run is not None:
             run.log({f"collect/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         bar.set_postfix(rows=writer.rows, flops=f"{summary['flop_fraction']:.2f}", refresh=False)
+    return collect_result(writer, s, first, time.perf_counter() - started)
+
+
+def collect_result(writer: ShardWriter, settings: CollectConfig, first: int, seconds: float) -> dict[str, Any]:
+    """Close the collection (manifest complete) and summarise it: rows, shards, speed, per-behaviour means."""
+    episodes = settings.episodes
+    per_behaviour: dict[str, list[dict[str, float]]] = defaultdict(list)
     manifest = writer.close()
-    seconds = time.perf_counter() - started
+    for summary in manifest["episode_summary"]:
+        per_behaviour[summary["label"]].append(summary)
 
     def mean(rows: list[dict[str, float]], key: str) -> float | None:
         values = [r[key] for r in rows if key in r]
@@ -183,6 +212,7 @@ def collect(env: BlockReuseEnv, settings: CollectConfig, run: Any = None) -> dic
         "output_dir": str(writer.directory), "format_version": SHARD_FORMAT_VERSION, "episodes": episodes,
         "resumed_at": first if first else None,
         "rows": manifest["rows"], "shards": len(manifest["shards"]), "seconds": seconds,
+        "episodes_per_second": (episodes - first) / seconds if seconds else None,
         "rows_per_second": manifest["rows"] / seconds if seconds else None,
         "flop_fraction": mean(every, "flop_fraction"), "exact_match": mean(every, "exact_match"),
         "agreement": mean(every, "agreement"),
@@ -200,12 +230,20 @@ def run(cfg: Any) -> dict[str, Any]:
     from cache_core.bench import tracking
 
     c = cfg.collect
-    env = BlockReuseEnv(config=replace(cfg.env, split=c.split, n_prompts=c.n_prompts))
+    env_config = replace(cfg.env, split=c.split, n_prompts=c.n_prompts)
     run = tracking.start_run(cfg.logger, "collect", cfg)
     try:
-        result = collect(env, c, run)
+        if c.backend == "ray":
+            from envs.cluster import collect_ray
+
+            result = collect_ray(env_config.settings(), c, cfg.ray, run)
+        else:
+            env = BlockReuseEnv(config=env_config)
+            try:
+                result = collect(env, c, run)
+            finally:
+                env.close()
         run.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
         return result
     finally:
-        env.close()
         run.finish()

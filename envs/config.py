@@ -25,6 +25,7 @@ from cache_core.registry import check_policy_name
 from cache_core.session import validate_generation_args
 
 PROMPT_ORDERS = ("random", "cycle")
+BACKENDS = ("local", "ray")
 RANDOM_SCOPES = ("step", "episode")
 
 
@@ -199,9 +200,14 @@ class CollectConfig:
     resume: bool = MISSING  # continue a killed collection in output_dir
     seed: int = MISSING
     progress_bar: bool = MISSING
+    backend: str = MISSING  # local: this process | ray: episode ranges fanned out to Ray workers (the ray group)
     behaviour: BehaviourConfig = MISSING
 
     def __post_init__(self) -> None:
+        v.choice("collect.backend", self.backend, BACKENDS)
+        if self.backend == "ray" and self.flush_episodes is None:
+            raise ValueError("collect.backend=ray needs collect.flush_episodes (the episodes of one Ray task and of "
+                             "its shard): set it, e.g. collect.flush_episodes=8")
         v.choice("collect.split", self.split, SPLITS)
         v.number("collect.n_prompts", self.n_prompts, integer=True, low=1)
         v.number("collect.episodes", self.episodes, integer=True, low=1)
@@ -211,6 +217,30 @@ class CollectConfig:
             raise ValueError("collect.overwrite and collect.resume are exclusive: replace a collection or continue it")
         v.number("collect.seed", self.seed, integer=True, low=0)
         v.text("collect.output_dir", self.output_dir)
+
+
+@dataclass
+class RayConfig:
+    """The Ray cluster of `collect.backend=ray`, `evaluate.backend=ray` and `rl.vec_env=ray` (the `ray` group)."""
+
+    address: str | None = MISSING  # null: start a local Ray instance | auto | host:port | ray://host:10001
+    connect_timeout_s: float = MISSING  # joining the cluster at `address` must succeed within this
+    local_cpus: int | None = MISSING  # CPUs of a local instance (null: every core)
+    num_workers: int = MISSING  # workers of collect and evaluate, each with its own model (rl: rl.n_envs)
+    cpus_per_worker: float = MISSING
+    gpus_per_worker: float = MISSING  # fractions share a GPU between workers
+    worker_threads: int = MISSING  # torch threads in each worker
+    max_retries: int = MISSING  # restarts of a lost worker and retries of the task it was running
+
+    def __post_init__(self) -> None:
+        v.text("ray.address", self.address, optional=True)
+        v.number("ray.connect_timeout_s", self.connect_timeout_s, low=0.0, open_low=True)
+        v.number("ray.local_cpus", self.local_cpus, integer=True, low=1, optional=True)
+        v.number("ray.num_workers", self.num_workers, integer=True, low=1)
+        v.number("ray.cpus_per_worker", self.cpus_per_worker, low=0.0)
+        v.number("ray.gpus_per_worker", self.gpus_per_worker, low=0.0)
+        v.number("ray.worker_threads", self.worker_threads, integer=True, low=1)
+        v.number("ray.max_retries", self.max_retries, integer=True, low=0)
 
 
 @dataclass

@@ -40,8 +40,10 @@ schema (features are not comparable across schemas: re-collect).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -171,20 +173,25 @@ class ShardWriter:
         n = len(self._buffer["reward"])
         if n == 0:
             return
-        tensors = {}
-        for key, (dtype, _) in COLUMNS.items():
-            tensors[key] = torch.as_tensor(np.stack([np.asarray(v) for v in self._buffer[key]])).to(dtype).contiguous()
         name = SHARD_PATTERN.format(len(self.manifest["shards"]))
-        save_file(tensors, self.directory / name,
-                  metadata={"format_version": str(SHARD_FORMAT_VERSION), "schema_id": SCHEMA_ID, "rows": str(n)})
-        # The shard is on disk before the manifest names it: a kill in between leaves an orphan shard, which a resume
-        # drops (its episodes are collected again) and a reader reports.
-        self.manifest["shards"].append({"file": name, "rows": n})
-        self.manifest["rows"] += n
-        self.manifest["episodes"] += len(self._buffered_episodes)
-        self.manifest["episode_summary"] += self._buffered_episodes
+        write_shard(self.directory / name, self._buffer, kept=self.manifest["episodes"])
+        self.add_shard(name, n, self._buffered_episodes)
         self._buffer = {k: [] for k in COLUMNS}
         self._buffered_episodes = []
+
+    def add_shard(self, name: str, rows: int, summaries: list[dict[str, Any]]) -> None:
+        """Name a shard that is on disk (written by `flush`, or by a worker: `envs.cluster`) in the manifest, with
+        the summaries of its episodes, which follow the manifest's episodes so far."""
+        # The shard is on disk before the manifest names it: a kill in between leaves an orphan shard, which a resume
+        # drops (its episodes are collected again) and a reader reports.
+        if not (self.directory / name).is_file():
+            raise FileNotFoundError(f"{self.directory / name}: a worker wrote this shard, but it is not here; with "
+                                    "Ray workers on several machines collect.output_dir must be a directory every "
+                                    "machine shares (NFS, a mounted bucket)")
+        self.manifest["shards"].append({"file": name, "rows": int(rows)})
+        self.manifest["rows"] += int(rows)
+        self.manifest["episodes"] += len(summaries)
+        self.manifest["episode_summary"] += list(summaries)
         self._write_manifest()
 
     def close(self) -> dict[str, Any]:
@@ -195,6 +202,8 @@ class ShardWriter:
 
     def _drop_orphans(self) -> None:
         listed = {e["file"] for e in self.manifest["shards"]}
+        for path in sorted(self.directory.glob("shard-*.tmp")):  # a shard being written when the job was killed
+            path.unlink()
         for path in sorted(self.directory.glob("shard-*.safetensors")):
             if path.name not in listed:
                 log.warning("%s: not in the manifest (written when the collection was killed); dropped, its episodes "
@@ -203,8 +212,41 @@ class ShardWriter:
 
     def _write_manifest(self) -> None:
         tmp = self.directory / (MANIFEST_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=1, default=_jsonable))
+        try:
+            tmp.write_text(json.dumps(self.manifest, indent=1, default=_jsonable))
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(err, self.directory / MANIFEST_FILE, self.manifest["episodes"]) from err
         tmp.replace(self.directory / MANIFEST_FILE)
+
+
+def write_shard(path: Path, rows: dict[str, list[Any]], kept: int | None = None) -> int:
+    """Write buffered rows ({column: one value per row}) as the shard file `path`; returns its row count.
+
+    Atomic (a temporary file renamed over `path`), so a kill or a full disk mid-write never leaves a truncated shard
+    under a shard's name, and a retried task that writes the same episodes again replaces its earlier file: one
+    shard per episode range, never two. kept: the episodes already on disk, for the error message."""
+    n = len(rows["reward"])
+    tensors = {key: torch.as_tensor(np.stack([np.asarray(v) for v in rows[key]])).to(dtype).contiguous()
+               for key, (dtype, _) in COLUMNS.items()}
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, tmp, metadata={"format_version": str(SHARD_FORMAT_VERSION), "schema_id": SCHEMA_ID,
+                                          "rows": str(n)})
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(err, path, kept) from err
+    return n
+
+
+def _write_error(err: OSError, path: Path, kept: int | None) -> OSError:
+    """The OSError of a failed shard or manifest write, saying what is kept and how to continue."""
+    what = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    episodes = "the episodes" if kept is None else f"the {kept} episodes"
+    return OSError(err.errno, f"{path}: {what} while writing it; {episodes} already in the manifest and their "
+                              "shards are kept: free space (or give collect.output_dir on a larger disk, moving the "
+                              "directory there) and continue with collect.resume=true")
 
 
 RESUME_KEYS = ("seed", "split", "behaviour", "env", "action_mode", "n_layers", "max_blocks")

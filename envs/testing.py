@@ -53,3 +53,50 @@ def save_tiny_checkpoint(directory: str | Path, seed: int = 0, n_layers: int = 2
     cfg = ModelConfig(vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id, d_model=32, n_layers=n_layers,
                       n_heads=4, n_kv_heads=2, mlp_hidden_size=64, max_sequence_length=256)
     return save_checkpoint(LLaDAModel(cfg).eval(), directory, tokenizer=tok)
+
+
+# --- fault injection for the distributed backends' tests (importable by Ray worker processes) ----------------------
+def dying_env(marker: str, at_step: int = 2, **env_kwargs):
+    """A BlockReuseEnv whose process dies (os._exit, as a SIGKILL or a lost node would end it) at its `at_step`-th
+    step, once: the first process to get there writes `marker`, and later processes, which see it, live."""
+    import os
+
+    from envs.block_reuse_env import BlockReuseEnv
+
+    env = BlockReuseEnv(**env_kwargs)
+    step, count = env.step, [0]
+
+    def step_or_die(action):
+        count[0] += 1
+        if count[0] == at_step and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return step(action)
+
+    env.step = step_or_die
+    return env
+
+
+DISK_FULL_MARKER = "DISK_FULL_AFTER"  # in a shard directory: the number of shard files its "disk" has room for
+
+
+def disk_full_save(save):
+    """`safetensors.torch.save_file` as on a disk that fills up: once the directory holds as many shards as its
+    DISK_FULL_AFTER file says, a write raises OSError(ENOSPC)."""
+    import errno
+
+    def save_file(tensors, filename, metadata=None):
+        directory = Path(filename).parent
+        marker = directory / DISK_FULL_MARKER
+        if marker.exists() and len(list(directory.glob("shard-*.safetensors"))) >= int(marker.read_text()):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return save(tensors, filename, metadata=metadata)
+
+    return save_file
+
+
+def ray_worker_faults() -> None:
+    """A Ray `worker_process_setup_hook`: shard writes in the workers go through `disk_full_save`."""
+    import envs.shards
+
+    envs.shards.save_file = disk_full_save(envs.shards.save_file)

@@ -1,4 +1,5 @@
-"""Vectorised BlockReuseEnvs for SB3 (`SubprocVecEnv` / `DummyVecEnv`) and Gymnasium (`gym.make_vec`).
+"""Vectorised BlockReuseEnvs for SB3 (`SubprocVecEnv` / `DummyVecEnv` / `envs.cluster.RayVecEnv`) and Gymnasium
+(`gym.make_vec`).
 
 Each worker process builds its own env (and loads the model from `model_path`, or unpickles a passed `model`) and
 runs torch with `WORKER_THREADS` thread (`cache_core.set_threads`), so N workers on N cores do not oversubscribe
@@ -11,6 +12,7 @@ from functools import partial
 from typing import Any
 
 from envs.block_reuse_env import ENV_ID, BlockReuseEnv
+from envs.config import RayConfig
 
 WORKER_THREADS = 1
 
@@ -24,16 +26,25 @@ def worker_env(threads: int | None = WORKER_THREADS, **env_kwargs: Any) -> Block
 
 
 def make_sb3_vec_env(env_kwargs: dict[str, Any], n_envs: int, subproc: bool = True, seed: int | None = 0,
-                     start_method: str | None = None, monitor: bool = True):
-    """An SB3 VecEnv of n_envs BlockReuseEnvs (SubprocVecEnv unless subproc=False)."""
+                     start_method: str | None = None, monitor: bool = True, ray: RayConfig | None = None):
+    """An SB3 VecEnv of n_envs BlockReuseEnvs: SubprocVecEnv, DummyVecEnv (subproc=False), or with `ray` (a
+    RayConfig; Ray connected beforehand, `envs.cluster.connect`) a RayVecEnv of one Ray actor per env. The same
+    seed gives the same observations whichever it is."""
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-    factory = partial(worker_env, WORKER_THREADS) if subproc else BlockReuseEnv
-    vec_kwargs = {"start_method": start_method} if subproc and start_method else None
-    return make_vec_env(factory, n_envs=n_envs, seed=seed, env_kwargs=dict(env_kwargs),
-                        vec_env_cls=SubprocVecEnv if subproc else DummyVecEnv, vec_env_kwargs=vec_kwargs,
-                        wrapper_class=None if monitor else (lambda env: env))
+    if ray is not None:
+        from envs.cluster import RayVecEnv, worker_options
+
+        # Threads come from the actor's runtime env (ray.worker_threads); a lost env worker is not restarted.
+        cls, vec_kwargs = RayVecEnv, {"actor_options": worker_options(ray, restartable=False)}
+        factory = partial(worker_env, None)
+    else:
+        factory = partial(worker_env, WORKER_THREADS) if subproc else BlockReuseEnv
+        cls = SubprocVecEnv if subproc else DummyVecEnv
+        vec_kwargs = {"start_method": start_method} if subproc and start_method else None
+    return make_vec_env(factory, n_envs=n_envs, seed=seed, env_kwargs=dict(env_kwargs), vec_env_cls=cls,
+                        vec_env_kwargs=vec_kwargs, wrapper_class=None if monitor else (lambda env: env))
 
 
 def _gym_worker_env(threads: int | None, env_kwargs: dict[str, Any]):

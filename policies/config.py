@@ -27,13 +27,14 @@ from cache_core.bench.config import BenchmarkConfig, BuiltinModelConfig, Generat
 from cache_core.bench.tasks import SPLITS
 from cache_core.bench.tracking import LoggerConfig
 from cache_core.registry import check_policy_name
-from envs.config import CollectConfig, EnvBenchmarkConfig, EnvConfig
+from envs.config import BACKENDS, CollectConfig, EnvBenchmarkConfig, EnvConfig, RayConfig
 from policies.predictor import ARCHS
 
 CONF_DIR = REPO_ROOT / "conf"
 # The jobs of train.py (its MODES maps each but `main` to the module that runs it).
 JOB_MODES = ("main", "pretrain", "benchmark", "collect", "env_benchmark", "supervised", "rl", "export", "evaluate")
 GROUP_BY = ("episode", "prompt")
+VEC_ENVS = ("subproc", "dummy", "ray")
 LABEL_WEIGHTINGS = ("none", "attention")
 
 
@@ -289,7 +290,7 @@ class RLConfig:
         v.number("rl.total_timesteps", self.total_timesteps, integer=True, low=1)
         v.number("rl.max_minutes", self.max_minutes, low=0.0, open_low=True, optional=True)
         v.number("rl.n_envs", self.n_envs, integer=True, low=1)
-        v.choice("rl.vec_env", self.vec_env, ("subproc", "dummy"))
+        v.choice("rl.vec_env", self.vec_env, VEC_ENVS)
         if self.warm_start not in (None, "auto") and self.resume:
             raise ValueError("rl.warm_start and rl.resume are exclusive: a resumed run already has trained weights")
         unknown = set(self.env) - set(EnvConfig.__dataclass_fields__)
@@ -324,9 +325,11 @@ class EvaluateConfig:
     output_dir: str = MISSING
     name: str = MISSING
     progress: bool = MISSING
+    backend: str = MISSING  # local | ray: prompt batches fanned out to Ray workers (the ray group)
 
     def __post_init__(self) -> None:
         p = "evaluate."
+        v.choice(p + "backend", self.backend, BACKENDS)
         v.choice(p + "split", self.split, SPLITS)
         v.number(p + "n_examples", self.n_examples, integer=True, low=1)
         v.numbers(p + "batch_sizes", self.batch_sizes, integer=True, low=1)
@@ -366,6 +369,7 @@ class RootConfig:
     rl: RLConfig = MISSING
     evaluate: EvaluateConfig = MISSING
     export: ExportConfig = MISSING
+    ray: RayConfig = MISSING
 
     def __post_init__(self) -> None:
         v.choice("mode", self.mode, JOB_MODES)
@@ -382,7 +386,7 @@ SCHEMAS: dict[str, type] = {
     "model": BuiltinModelConfig, "task": TaskConfig, "generation": GenerationConfig, "pretrain": PretrainConfig,
     "benchmark": BenchmarkConfig, "env": EnvConfig, "collect": CollectConfig, "env_benchmark": EnvBenchmarkConfig,
     "data": DataConfig, "policy": PolicyConfig, "trainer": TrainerConfig, "logger": LoggerConfig, "rl": RLConfig,
-    "evaluate": EvaluateConfig, "export": ExportConfig,
+    "evaluate": EvaluateConfig, "export": ExportConfig, "ray": RayConfig,
 }
 
 

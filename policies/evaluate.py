@@ -22,18 +22,25 @@ import torch
 
 from cache_core.bench import tracking
 from cache_core.bench.benchmark import (
+    Measured,
     PolicySpec,
     Row,
+    batches,
+    combine,
     evaluate_policies,
     heuristic_specs,
     load_model_and_tokenizer,
     log_results,
+    make_rows,
+    reference_spec,
+    run_batch,
     write_results,
 )
 from cache_core.cache import RefreshPlan
 from cache_core.features import GLOBAL_FEATURE_NAMES, StepFeatures
 from cache_core.learned import LearnedPolicy, policy_files, read_manifest
 from cache_core.policy import ReusePolicy, StepContext
+from envs.config import RayConfig
 from policies.config import LearnedEntry, RootConfig
 
 log = logging.getLogger(__name__)
@@ -105,6 +112,71 @@ def learned_specs(entries: list[LearnedEntry], thresholds: list[float] | None = 
     return specs
 
 
+class EvalWorker:
+    """One evaluation worker (a Ray actor): its own model; measures every policy on one batch of prompts."""
+
+    def __init__(self, model_path: str, gen: dict[str, Any]):
+        import ray
+
+        from cache_core.runtime import set_threads
+
+        set_threads()  # $BLOCKREUSE_THREADS of the actor's runtime env (ray.worker_threads)
+        self.model, self.tokenizer = load_model_and_tokenizer(model_path)
+        if ray.get_gpu_ids():  # a worker given a GPU (ray.gpus_per_worker) runs its model there
+            self.model = self.model.to("cuda")
+        self.gen, self.warm = gen, set()
+
+    def measure(self, batch: list[Any], specs: list[PolicySpec], batch_size: int) -> list[Measured]:
+        """Every spec (the reference first) on this batch; the first batch of a batch size warms up, untimed."""
+        if batch_size not in self.warm:
+            run_batch(self.model, self.tokenizer, batch, specs[0], self.gen)
+            self.warm.add(batch_size)
+        return [run_batch(self.model, self.tokenizer, batch, spec, self.gen) for spec in specs]
+
+
+def evaluate_policies_ray(model_path: str, examples: list[Any], specs: list[PolicySpec], batch_sizes: list[int],
+                          gen: dict[str, Any], ray_cfg: RayConfig, progress: bool = True, desc: str = "evaluate"
+                          ) -> list[Row]:
+    """`evaluate_policies` on Ray workers: each batch of prompts (every policy on it) is one task. The same batches
+    as the local backend, so the same answers, exact match, agreement, FLOP fractions and steps; wall times (and
+    speedups) are each worker's, summed per policy as locally."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from envs.cluster import check_resources, connect, run_tasks, worker_options
+
+    ordered = [reference_spec(), *(s for s in specs if s.family != "full")]
+    if ray_cfg.address is None and not (Path(model_path) / "config.json").is_file():
+        load_model_and_tokenizer(model_path)  # a local instance shares this filesystem: its clear error, here
+    started_ray = connect(ray_cfg)
+    workers: list[Any] = []
+    try:
+        check_resources(ray_cfg)
+        actor = ray.remote(EvalWorker).options(**worker_options(ray_cfg))
+        workers = [actor.remote(str(model_path), gen) for _ in range(ray_cfg.num_workers)]
+        specs_ref = ray.put(ordered)
+        jobs = [(b, chunk) for b in batch_sizes for chunk in batches(examples, b)]
+        bar = tqdm(total=len(jobs), desc=f"{desc} (ray)", unit="batch", disable=not progress)
+        results: dict[int, list[Measured]] = {}
+        calls = [("measure", (chunk, specs_ref, b)) for b, chunk in jobs]
+        for k, result in run_tasks(workers, calls, "evaluate.backend=ray", ray_cfg,
+                                   "no rows were written: run the evaluation again"):
+            results[k] = result
+            bar.update()
+        bar.close()
+        rows = []
+        for b in batch_sizes:
+            mine = [k for k, (size, _) in enumerate(jobs) if size == b]
+            measured = [combine([results[k][j] for k in mine]) for j in range(len(ordered))]
+            rows += make_rows(ordered, measured, examples, b)
+        return rows
+    finally:
+        for w in workers:
+            ray.kill(w)
+        if started_ray:
+            ray.shutdown()
+
+
 def summarize(rows: list[Row], max_em_loss: float, learned: list[str], min_agreement: float = 0.99
               ) -> dict[str, Any]:
     """Per batch size and criterion, the cheapest point of each family that meets it, and the FLOP ratio best
@@ -162,7 +234,6 @@ def run(cfg: RootConfig) -> dict[str, Any]:
     from cache_core.bench.tasks import TaskSuite
 
     e = cfg.evaluate
-    model, tokenizer = load_model_and_tokenizer(cfg.paths.model)
     examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(e.split, e.n_examples)
     learned = learned_specs(list(e.learned), e.thresholds, e.budgets)
     specs = heuristic_specs(e.heuristics, include_oracle=e.include_oracle) + learned
@@ -172,10 +243,16 @@ def run(cfg: RootConfig) -> dict[str, Any]:
     gen = cfg.generation.kwargs()
     run = tracking.start_run(cfg.logger, "evaluate", cfg)
     try:
-        rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen, progress=e.progress,
-                                 desc=e.name)
+        if e.backend == "ray":
+            rows = evaluate_policies_ray(cfg.paths.model, examples, specs, list(e.batch_sizes), gen, cfg.ray,
+                                         progress=e.progress, desc=e.name)
+        else:
+            model, tokenizer = load_model_and_tokenizer(cfg.paths.model)
+            rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen,
+                                     progress=e.progress, desc=e.name)
         summary = summarize(rows, e.max_em_loss, learned_names, e.min_agreement)
         meta = {"model": str(cfg.paths.model), "split": e.split, "n_examples": len(examples), "generation": gen,
+                "backend": e.backend, "workers": cfg.ray.num_workers if e.backend == "ray" else 1,
                 "threads": torch.get_num_threads(), "learned": [tracking.plain_config(x) for x in e.learned],
                 "summary": summary}
         out = write_results(rows, tracking.per_job(e.output_dir), e.name, meta)

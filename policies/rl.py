@@ -42,7 +42,7 @@ from cache_core.actions import check_action_mode
 from cache_core.bench import tracking
 from cache_core.features import BLOCK_FEATURE_NAMES, GLOBAL_FEATURE_NAMES
 from cache_core.learned import policy_files, read_manifest
-from envs.config import EnvConfig
+from envs.config import EnvConfig, RayConfig
 from policies.config import LoggerConfig, RLConfig, RLPolicyConfig, RootConfig
 from policies.predictor import read_predictor
 from policies.rl_callbacks import (
@@ -249,11 +249,12 @@ def export_agent(model: Any, path: str | Path, *, n_layers: int, budget_conditio
 # --- the job ---------------------------------------------------------------------------------------------------------
 def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path, *,
                 eval_env_kwargs: dict[str, Any] | None = None, logger: LoggerConfig | None = None,
-                run_config: Any = None) -> dict[str, Any]:
+                run_config: Any = None, ray: RayConfig | None = None) -> dict[str, Any]:
     """Train (or resume), evaluate and export the RL agent. env_kwargs: the BlockReuseEnv keyword arguments of the
     training envs (settings with rl.env already merged in, and objects such as a model); eval_env_kwargs: those of
     the held-out prompts (default: env_kwargs on rl.eval.split with rl.eval.n_prompts); logger: the W&B settings
-    (None: no run); run_config: what W&B records as the run's config (default: rl and the env settings)."""
+    (None: no run); run_config: what W&B records as the run's config (default: rl and the env settings); ray: the
+    cluster of rl.vec_env=ray (the ray group)."""
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import configure
 
@@ -277,7 +278,21 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
     eval_env_kwargs = {**eval_env_kwargs, "budget": None, "shadow": False, "w_kl": 0.0, "w_flip": 0.0}
     eval_env = BlockReuseEnv(**eval_env_kwargs)
 
-    venv = make_sb3_vec_env(env_kwargs, rl.n_envs, subproc=rl.vec_env == "subproc", seed=rl.seed)
+    started_ray = False
+    if rl.vec_env == "ray":
+        from envs.cluster import check_resources, connect
+
+        if ray is None:
+            raise ValueError("rl.vec_env=ray needs the ray group's settings (train_agent(..., ray=cfg.ray))")
+        started_ray = connect(ray)
+        check_resources(ray)
+    try:
+        venv = make_sb3_vec_env(env_kwargs, rl.n_envs, subproc=rl.vec_env == "subproc", seed=rl.seed,
+                                ray=ray if rl.vec_env == "ray" else None)
+    except BaseException:
+        if started_ray:
+            _shutdown_ray()
+        raise
     run = tracking.Run(None)
     try:
         policy_cfg = rl.policy
@@ -351,6 +366,14 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
     finally:
         venv.close()
         run.finish()
+        if started_ray:
+            _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 def default_budget(env_budget: Any, chosen: float | None) -> float | None:
@@ -381,4 +404,4 @@ def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
 def run(cfg: RootConfig) -> dict[str, Any]:
     """`python train.py mode=rl`: the env group's settings with rl.env on top, the rl group, the logger group."""
     env_kwargs = {**cfg.env.settings(), **cfg.rl.env}
-    return train_agent(cfg.rl, env_kwargs, cfg.paths.output, logger=cfg.logger, run_config=cfg)
+    return train_agent(cfg.rl, env_kwargs, cfg.paths.output, logger=cfg.logger, run_config=cfg, ray=cfg.ray)

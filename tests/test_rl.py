@@ -100,7 +100,7 @@ def trained(request, tmp_path_factory):
     ({"n_envs": 0}, r"rl.n_envs=0 must be >= 1"),
     ({"max_minutes": 0}, r"rl.max_minutes=0.0 must be > 0"),
     ({"total_timesteps": 0}, r"rl.total_timesteps=0 must be >= 1"),
-    ({"vec_env": "ray"}, r"rl.vec_env='ray'"),
+    ({"vec_env": "mpi"}, r"rl.vec_env='mpi'"),
     ({"eval": {"budgets": [1.5]}}, r"rl.eval.budgets\[0\]=1.5"),
     ({"export": {"which": "median"}}, r"rl.export.which='median'"),
     ({"export": {"budget": 0.0}}, r"rl.export.budget=0.0"),

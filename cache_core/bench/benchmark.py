@@ -80,19 +80,54 @@ class Row:
     steps: int
 
 
-def _run(model: DiffusionModel, tokenizer, examples: list[Example], spec: PolicySpec, batch_size: int,
-         gen: dict[str, Any]) -> tuple[list[str], float, float, int]:
+Measured = tuple[list[str], float, float, int]  # answers, FLOPs, wall seconds, steps
+
+
+def run_batch(model: DiffusionModel, tokenizer, batch: list[Example], spec: PolicySpec, gen: dict[str, Any]
+              ) -> Measured:
+    """One generate() call of `spec` on one batch of prompts."""
+    prompts = [tokenizer.encode(e.prompt) for e in batch]
+    t0 = time.perf_counter()
+    result = generate(model, prompts, policy=spec.build(), **gen)
+    wall = time.perf_counter() - t0
+    return [tokenizer.decode(row.tolist()) for row in result.tokens], result.stats.flops, wall, len(result.stats.steps)
+
+
+def combine(parts: Sequence[Measured]) -> Measured:
+    """The batches of one spec, in prompt order, as one measurement (sums in that order: any backend that splits
+    the prompts into the same batches gets the same FLOPs, bit for bit)."""
     answers, flops, wall, steps = [], 0.0, 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
-        prompts = [tokenizer.encode(e.prompt) for e in batch]
-        t0 = time.perf_counter()
-        result = generate(model, prompts, policy=spec.build(), **gen)
-        wall += time.perf_counter() - t0
-        flops += result.stats.flops
-        steps += len(result.stats.steps)
-        answers += [tokenizer.decode(row.tolist()) for row in result.tokens]
+    for a, f, w, n in parts:
+        answers, flops, wall, steps = answers + list(a), flops + f, wall + w, steps + n
     return answers, flops, wall, steps
+
+
+def batches(examples: list[Example], batch_size: int) -> list[list[Example]]:
+    return [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+
+
+def _run(model: DiffusionModel, tokenizer, examples: list[Example], spec: PolicySpec, batch_size: int,
+         gen: dict[str, Any]) -> Measured:
+    return combine([run_batch(model, tokenizer, b, spec, gen) for b in batches(examples, batch_size)])
+
+
+def make_rows(specs: list[PolicySpec], measured: list[Measured], examples: list[Example], batch_size: int
+              ) -> list[Row]:
+    """Rows of one batch size; specs[0] is the no-cache reference the others are compared with."""
+    ref_answers, ref_flops, ref_wall, _ = measured[0]
+    rows = []
+    for i, (spec, (answers, flops, wall, steps)) in enumerate(zip(specs, measured)):
+        rows.append(Row(
+            policy=spec.label, family=spec.family, knob=spec.knob, value=spec.value, batch_size=batch_size,
+            n=len(examples), exact_match=sum(score(a, e) for a, e in zip(answers, examples)) / len(examples),
+            agreement=sum(a == r for a, r in zip(answers, ref_answers)) / len(examples),
+            flop_fraction=flops / ref_flops, speedup=ref_wall / wall, wall_s=wall, steps=0 if i == 0 else steps,
+        ))
+    return rows
+
+
+def reference_spec() -> PolicySpec:
+    return PolicySpec("full", None, None, lambda: make_policy("full"))
 
 
 def evaluate_policies(model: DiffusionModel, tokenizer, examples: list[Example], specs: list[PolicySpec],
@@ -105,30 +140,20 @@ def evaluate_policies(model: DiffusionModel, tokenizer, examples: list[Example],
     """
     from tqdm.auto import tqdm
 
-    reference = PolicySpec("full", None, None, lambda: make_policy("full"))
-    others = [s for s in specs if s.family != "full"]  # the reference is the full recompute: it runs once
+    reference = reference_spec()
+    ordered = [reference, *(s for s in specs if s.family != "full")]  # the reference is the full recompute: once
     rows = []
-    bar = tqdm(total=len(batch_sizes) * (len(others) + 1), desc=desc, disable=not progress)
+    bar = tqdm(total=len(batch_sizes) * len(ordered), desc=desc, disable=not progress)
     all_examples = examples
     for batch_size in batch_sizes:
         examples = all_examples[: (examples_per_batch_size or {}).get(batch_size, len(all_examples))]
         _run(model, tokenizer, examples[:batch_size], reference, batch_size, gen)  # warm-up, not timed
-        ref_answers, ref_flops, ref_wall, _ = _run(model, tokenizer, examples, reference, batch_size, gen)
-        bar.update()
-        for spec in [reference, *others]:
-            if spec is reference:
-                answers, flops, wall, steps = ref_answers, ref_flops, ref_wall, 0
-            else:
-                answers, flops, wall, steps = _run(model, tokenizer, examples, spec, batch_size, gen)
-                bar.update()
-            rows.append(Row(
-                policy=spec.label, family=spec.family, knob=spec.knob, value=spec.value, batch_size=batch_size,
-                n=len(examples),
-                exact_match=sum(score(a, e) for a, e in zip(answers, examples)) / len(examples),
-                agreement=sum(a == r for a, r in zip(answers, ref_answers)) / len(examples),
-                flop_fraction=flops / ref_flops, speedup=ref_wall / wall, wall_s=wall, steps=steps,
-            ))
-            bar.set_postfix_str(f"b={batch_size} {spec.label}: em={rows[-1].exact_match:.2f}")
+        measured = []
+        for spec in ordered:
+            measured.append(_run(model, tokenizer, examples, spec, batch_size, gen))
+            bar.update()
+            bar.set_postfix_str(f"b={batch_size} {spec.label}")
+        rows += make_rows(ordered, measured, examples, batch_size)
     bar.close()
     return rows
 
