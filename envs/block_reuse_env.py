@@ -364,7 +364,8 @@ def _prompt_set(prompts: PromptSet | Sequence[Any] | None, tokenizer: Any, cfg: 
         if tokenizer is None:
             raise ValueError("no prompts given and no tokenizer to encode the task suite: pass prompts="
                              "[(prompt_ids, answer_ids), ...] or a model_path whose checkpoint has tokenizer.json")
-        prompts = TaskSuitePromptSet(tokenizer, split=cfg.split, n=cfg.n_prompts, tasks=cfg.tasks, seed=cfg.task_seed)
+        prompts = TaskSuitePromptSet(tokenizer, split=cfg.split, n=cfg.n_prompts, tasks=cfg.tasks, seed=cfg.task_seed,
+                                     task_file=cfg.task_file)
     elif not isinstance(prompts, PromptSet):
         eos_id = cfg.eos_id if cfg.eos_id is not None or tokenizer is None else tokenizer.eos_token_id
         prompts = TokenPromptSet(list(prompts), eos_id=eos_id, split=cfg.split)

@@ -81,6 +81,7 @@ class EnvConfig:
     n_prompts: int = 64  # first n examples of the split
     tasks: list[str] = field(default_factory=lambda: list(BUILTIN_TASKS))  # task-suite tasks
     task_seed: int = 0
+    task_file: dict[str, Any] | None = None  # the task group's settings when prompts come from a file (task=file)
     prompt_order: str = "random"  # random: drawn per reset from the env's seeded rng | cycle: in order
     gen_length: int = 64
     block_length: int = 16

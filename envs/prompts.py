@@ -94,13 +94,19 @@ class TaskSuitePromptSet(PromptSet):
     """The first n examples of a task-suite split, tokenized; scored with the suite's own rule."""
 
     def __init__(self, tokenizer: Any, split: str = "train", n: int = 64, tasks: Sequence[str] | None = None,
-                 seed: int = 0):
-        from cache_core.bench.tasks import TaskSuite
+                 seed: int = 0, task_file: dict[str, Any] | None = None):
+        from cache_core.bench.config import make_task
+        from cache_core.bench.tasks import BUILTIN_TASKS, encode_prompt
 
         self.tokenizer = tokenizer
         self.split = split
-        self.examples = TaskSuite(None if tasks is None else list(tasks), seed=int(seed)).split(split, int(n))
-        self.items = [PromptItem(tuple(tokenizer.encode(e.prompt)), tuple(tokenizer.encode(e.answer)), e.task)
+        if task_file is not None and task_file.get("kind") == "file":  # a user's task file (task=file)
+            source = make_task(task_file)
+        else:
+            source = make_task({"kind": "builtin", "tasks": list(tasks or BUILTIN_TASKS), "seed": int(seed)})
+        self.examples = source.split(split, int(n))
+        self.task_file = task_file
+        self.items = [PromptItem(tuple(encode_prompt(tokenizer, e)), tuple(tokenizer.encode(e.answer)), e.task)
                       for e in self.examples]
         self.tasks = None if tasks is None else list(tasks)
         self.seed = int(seed)
@@ -111,4 +117,5 @@ class TaskSuitePromptSet(PromptSet):
         return bool(score(self.tokenizer.decode([int(i) for i in generated]), self.examples[index]))
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "tasks": self.tasks, "seed": self.seed}
+        return {**super().describe(), "tasks": self.tasks, "seed": self.seed,
+                **({"task_file": self.task_file.get("path")} if self.task_file else {})}

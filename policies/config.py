@@ -14,7 +14,7 @@ starts. Jobs read attributes of the typed tree; no job repeats a default.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -407,7 +407,11 @@ def typed(cfg: DictConfig | RootConfig) -> RootConfig:
     """The composed config as a `RootConfig`: every group's values checked (errors name the key)."""
     if isinstance(cfg, RootConfig):
         return cfg
-    return OmegaConf.to_object(cfg)  # instantiates the dataclasses: their __post_init__ checks run here
+    root = OmegaConf.to_object(cfg)  # instantiates the dataclasses: their __post_init__ checks run here
+    if root.task.kind == "file" and root.env.task_file is None:
+        # The env (and every worker process it starts) builds its prompts from the same file task.
+        root.env.task_file = asdict(root.task)
+    return root
 
 
 def compose(overrides: Sequence[str] = (), *, as_dict: bool = False) -> RootConfig | DictConfig:

@@ -168,7 +168,7 @@ def evaluate_policies_ray(model_path: str, examples: list[Any], specs: list[Poli
         for b in batch_sizes:
             mine = [k for k, (size, _) in enumerate(jobs) if size == b]
             measured = [combine([results[k][j] for k in mine]) for j in range(len(ordered))]
-            rows += make_rows(ordered, measured, examples, b)
+            rows += make_rows(ordered, measured, examples, b, gen["gen_length"])
         return rows
     finally:
         for w in workers:
@@ -231,10 +231,11 @@ def print_summary(summary: dict[str, Any], max_em_loss: float, min_agreement: fl
 
 def run(cfg: RootConfig) -> dict[str, Any]:
     """`mode=evaluate`: heuristics, oracle and learned policy files on the test split -> JSON, table, Pareto PNG."""
-    from cache_core.bench.tasks import TaskSuite
+    from cache_core.bench import taskfile
+    from cache_core.bench.config import make_task
 
     e = cfg.evaluate
-    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(e.split, e.n_examples)
+    examples = make_task(cfg.task).split(e.split, e.n_examples)
     learned = learned_specs(list(e.learned), e.thresholds, e.budgets)
     specs = heuristic_specs(e.heuristics, include_oracle=e.include_oracle) + learned
     learned_names = sorted({s.family for s in learned})
@@ -242,6 +243,7 @@ def run(cfg: RootConfig) -> dict[str, Any]:
              len(examples), e.split)
     gen = cfg.generation.kwargs()
     run = tracking.start_run(cfg.logger, "evaluate", cfg)
+    counted = dict(taskfile.COUNTERS)  # answers the scoring rule could not read, programs killed: reported below
     try:
         if e.backend == "ray":
             rows = evaluate_policies_ray(cfg.paths.model, examples, specs, list(e.batch_sizes), gen, cfg.ray,
@@ -251,7 +253,14 @@ def run(cfg: RootConfig) -> dict[str, Any]:
             rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen,
                                      progress=e.progress, desc=e.name)
         summary = summarize(rows, e.max_em_loss, learned_names, e.min_agreement)
-        meta = {"model": str(cfg.paths.model), "split": e.split, "n_examples": len(examples), "generation": gen,
+        scoring = {k: taskfile.COUNTERS[k] - counted[k] for k in counted}
+        if any(scoring.values()):
+            log.warning("evaluate: over all policies, %d answers had no extractable final answer and %d programs "
+                        "hit their timeout (each counted wrong)", scoring["extraction_failures"],
+                        scoring["code_timeouts"])
+        meta = {"task": {"kind": cfg.task.kind, "name": cfg.task.name if cfg.task.kind == "file" else "builtin",
+                         "path": cfg.task.path, "scoring_failures": scoring},
+                "model": str(cfg.paths.model), "split": e.split, "n_examples": len(examples), "generation": gen,
                 "backend": e.backend, "workers": cfg.ray.num_workers if e.backend == "ray" else 1,
                 "threads": torch.get_num_threads(), "learned": [tracking.plain_config(x) for x in e.learned],
                 "summary": summary}

@@ -205,13 +205,13 @@ class GenerationCheck(L.Callback):
         self._reference: dict[str, Any] | None = None
 
     def _generate(self, policy: Any) -> dict[str, Any]:
-        from cache_core.bench.tasks import score
+        from cache_core.bench.tasks import encode_prompt, score
         from cache_core.generate import generate
 
         answers, flops = [], 0.0
         for i in range(0, len(self.examples), self.batch_size):
             batch = self.examples[i:i + self.batch_size]
-            prompts = [self._tokenizer.encode(e.prompt) for e in batch]
+            prompts = [encode_prompt(self._tokenizer, e) for e in batch]
             budget = self.budget if policy.budget_conditioned else None  # the no-cache reference reads no budget
             result = generate(self._model, prompts, policy=policy, budget=budget, **self.gen)
             flops += result.stats.flops
@@ -319,9 +319,9 @@ def generation_check(cfg: RootConfig) -> GenerationCheck | None:
         log.warning("generation check skipped: no model checkpoint at %s (train it with `python train.py "
                     "mode=pretrain`)", model_path)
         return None
-    from cache_core.bench.tasks import TaskSuite
+    from cache_core.bench.config import make_task
 
-    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(gcfg.split, gcfg.n_prompts)
+    examples = make_task(cfg.task).split(gcfg.split, gcfg.n_prompts)
     return GenerationCheck(model_path, examples, cfg.generation.kwargs(), gcfg.every_n_epochs, gcfg.batch_size,
                            budget=gcfg.budget)
 

@@ -71,7 +71,7 @@ def test_budgeted_policy_sets_the_budget_feature(files):
 
 def test_summary_finds_cheapest_point_within_the_loss():
     def row(policy, family, em, flops):
-        return Row(policy, family, None, None, 8, 100, em, 1.0, flops, 1.0, 1.0, 0)
+        return Row(policy, family, None, None, 8, 100, em, 1.0, flops, 1.0, 1.0, 4.0, 16.0, 100.0)
 
     rows = [row("full", "full", 0.80, 1.0), row("dual(4)", "dual_cache", 0.80, 0.4),
             row("dual(8)", "dual_cache", 0.70, 0.2), row("oracle", "oracle", 0.80, 0.1),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cache_core.bench.tasks import Example, score
+from cache_core.bench.tasks import Example, encode_prompt, score
 from cache_core.generate import generate
 from cache_core.models import DiffusionModel
 from cache_core.policy import ReusePolicy
@@ -77,20 +77,23 @@ class Row:
     flop_fraction: float
     speedup: float
     wall_s: float
-    steps: int
+    steps: float  # forwards per sequence (NFE), averaged over the prompts
+    tokens_per_forward: float  # generated positions per forward: parallel decoding's figure (gen_length / NFE)
+    tokens_per_s: float  # generated positions per second of generate(), all prompts (the field's throughput)
 
 
-Measured = tuple[list[str], float, float, int]  # answers, FLOPs, wall seconds, steps
+Measured = tuple[list[str], float, float, int]  # answers, FLOPs, wall seconds, forwards x sequences
 
 
 def run_batch(model: DiffusionModel, tokenizer, batch: list[Example], spec: PolicySpec, gen: dict[str, Any]
               ) -> Measured:
     """One generate() call of `spec` on one batch of prompts."""
-    prompts = [tokenizer.encode(e.prompt) for e in batch]
+    prompts = [encode_prompt(tokenizer, e) for e in batch]
     t0 = time.perf_counter()
     result = generate(model, prompts, policy=spec.build(), **gen)
     wall = time.perf_counter() - t0
-    return [tokenizer.decode(row.tolist()) for row in result.tokens], result.stats.flops, wall, len(result.stats.steps)
+    answers = [tokenizer.decode(row.tolist()) for row in result.tokens]
+    return answers, result.stats.flops, wall, len(result.stats.steps) * len(batch)
 
 
 def combine(parts: Sequence[Measured]) -> Measured:
@@ -111,17 +114,19 @@ def _run(model: DiffusionModel, tokenizer, examples: list[Example], spec: Policy
     return combine([run_batch(model, tokenizer, b, spec, gen) for b in batches(examples, batch_size)])
 
 
-def make_rows(specs: list[PolicySpec], measured: list[Measured], examples: list[Example], batch_size: int
-              ) -> list[Row]:
+def make_rows(specs: list[PolicySpec], measured: list[Measured], examples: list[Example], batch_size: int,
+              gen_length: int) -> list[Row]:
     """Rows of one batch size; specs[0] is the no-cache reference the others are compared with."""
     ref_answers, ref_flops, ref_wall, _ = measured[0]
     rows = []
-    for i, (spec, (answers, flops, wall, steps)) in enumerate(zip(specs, measured)):
+    n = len(examples)
+    for spec, (answers, flops, wall, sequence_forwards) in zip(specs, measured):
         rows.append(Row(
             policy=spec.label, family=spec.family, knob=spec.knob, value=spec.value, batch_size=batch_size,
-            n=len(examples), exact_match=sum(score(a, e) for a, e in zip(answers, examples)) / len(examples),
-            agreement=sum(a == r for a, r in zip(answers, ref_answers)) / len(examples),
-            flop_fraction=flops / ref_flops, speedup=ref_wall / wall, wall_s=wall, steps=0 if i == 0 else steps,
+            n=n, exact_match=sum(score(a, e) for a, e in zip(answers, examples)) / n,
+            agreement=sum(a == r for a, r in zip(answers, ref_answers)) / n,
+            flop_fraction=flops / ref_flops, speedup=ref_wall / wall, wall_s=wall, steps=sequence_forwards / n,
+            tokens_per_forward=gen_length * n / sequence_forwards, tokens_per_s=gen_length * n / wall,
         ))
     return rows
 
@@ -153,7 +158,7 @@ def evaluate_policies(model: DiffusionModel, tokenizer, examples: list[Example],
             measured.append(_run(model, tokenizer, examples, spec, batch_size, gen))
             bar.update()
             bar.set_postfix_str(f"b={batch_size} {spec.label}")
-        rows += make_rows(ordered, measured, examples, batch_size)
+        rows += make_rows(ordered, measured, examples, batch_size, gen["gen_length"])
     bar.close()
     return rows
 
@@ -165,13 +170,14 @@ def print_table(rows: list[Row], title: str = "policy benchmark") -> str:
 
     table = Table(title=title)
     for col in ("policy", "batch", "exact match", "agree w/ no-cache", "FLOP fraction", "wall speedup",
-                "speedup / FLOP reduction"):
+                "speedup / FLOP reduction", "tokens/s", "tokens/forward"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for r in rows:
         efficiency = r.speedup * r.flop_fraction
         table.add_row(r.policy, str(r.batch_size), f"{r.exact_match:.3f}", f"{r.agreement:.3f}",
-                      f"{r.flop_fraction:.3f}", f"{r.speedup:.2f}x", f"{efficiency:.2f}")
-    console = Console(width=140, record=True)
+                      f"{r.flop_fraction:.3f}", f"{r.speedup:.2f}x", f"{efficiency:.2f}", f"{r.tokens_per_s:.1f}",
+                      f"{r.tokens_per_forward:.2f}")
+    console = Console(width=170, record=True)
     console.print(table)
     return console.export_text()
 
@@ -235,11 +241,11 @@ def load_model_and_tokenizer(directory: str | Path, device: str = "cpu") -> tupl
 def run(cfg: Any) -> dict:
     """`python train.py mode=benchmark` (cfg: policies.config.RootConfig)."""
     from cache_core.bench import tracking
-    from cache_core.bench.tasks import TaskSuite
+    from cache_core.bench.config import make_task
 
     b = cfg.benchmark
     model, tokenizer = load_model_and_tokenizer(cfg.paths.model, device=b.device)
-    examples = TaskSuite(list(cfg.task.tasks), seed=cfg.task.seed).split(b.split, b.n_examples)
+    examples = make_task(cfg.task).split(b.split, b.n_examples)
     specs = heuristic_specs(b.policies, include_oracle=b.include_oracle)
     caps = dict(b.examples_per_batch_size)
     gen = cfg.generation.kwargs()

@@ -59,6 +59,11 @@ class Example:
     task: str
     prompt: str
     answer: str
+    # How an answer is scored (`score`): "exact" (the built-in tasks), or a file task's rule (cache_core.bench.taskfile)
+    scoring: str = "exact"
+    tests: str = ""  # code tasks: the unit tests a generated program must pass
+    code_timeout_s: float = 10.0  # code tasks: a program still running after this is killed (and wrong)
+    chat: bool | None = None  # wrap the prompt in the model's chat template: None = when the model has one
 
 
 @dataclass
@@ -342,5 +347,19 @@ class TaskSuite:
 
 
 def score(prediction: str, example: Example) -> bool:
-    """Exact match after stripping surrounding whitespace."""
-    return prediction.strip() == example.answer.strip()
+    """Whether a decoded answer is right: exact match after stripping surrounding whitespace for the built-in tasks,
+    the file task's rule otherwise (GSM8K's final number, normalised exact match, unit tests)."""
+    if example.scoring == "exact":
+        return prediction.strip() == example.answer.strip()
+    from cache_core.bench.taskfile import score_file_task
+
+    return score_file_task(prediction, example)
+
+
+def encode_prompt(tokenizer, example: Example) -> list[int]:
+    """The prompt's ids: through the model's chat template when the example asks for it (or, with chat=None, when
+    the model has one), else the plain text."""
+    use_chat = example.chat if example.chat is not None else tokenizer.has_chat_template
+    if use_chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": example.prompt}])
+    return tokenizer.encode(example.prompt)
