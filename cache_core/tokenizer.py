@@ -78,10 +78,9 @@ class Tokenizer:
         self.eos_token_id = eos_token_id if eos_token_id is not None else hf.eos_token_id
         self.pad_token_id = pad_token_id if pad_token_id is not None else (
             hf.pad_token_id if hf.pad_token_id is not None else self.eos_token_id)
-        stops = set(stop_ids) | set(_ids(self.eos_token_id))
-        stops |= {i for i in (hf.convert_tokens_to_ids(t) for t in END_TOKENS if t in hf.get_vocab()) if i is not None}
+        self._vocab = hf.get_vocab()  # built once: a real tokenizer's vocabulary is ~150k entries
+        stops = set(stop_ids) | set(_ids(self.eos_token_id)) | {self._vocab[t] for t in END_TOKENS if t in self._vocab}
         self.stop_ids = frozenset(stops)
-        self._vocab = hf.get_vocab()
         # Ids the model can predict: its embedding may be padded past the tokenizer (Dream, LLaDA); `check_model` sets
         # it. Until then only the tokenizer's own ids decode.
         self.model_vocab_size = len(hf)

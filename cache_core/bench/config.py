@@ -5,44 +5,29 @@ ConfigStore holds them as each group's schema (`policies.config.register_configs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from omegaconf import MISSING
 
 from cache_core import validate as v
+from cache_core.bench.taskfile import FileTask, FileTaskSettings
 from cache_core.bench.tasks import SPLITS, TASK_NAMES
 from cache_core.registry import check_policy_name
 from cache_core.session import REMASKING, validate_generation_args
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(FileTaskSettings):
     """Where prompts come from: the synthetic task suite (`kind: builtin`, `cache_core.bench.tasks`) or a user's file
-    (`kind: file`, `cache_core.bench.taskfile`: JSONL or a saved Hugging Face dataset, a field mapping, n-shot
-    prompts, GSM8K / normalised / unit-test scoring). Splits are fixed by `seed` either way."""
+    (`kind: file`: the keys of `cache_core.bench.taskfile.FileTaskSettings`, JSONL or a saved Hugging Face dataset, a
+    field mapping, n-shot prompts, GSM8K / normalised / unit-test scoring). Splits are fixed by `seed` either way."""
 
+    seed: int = MISSING
     kind: str = "builtin"
     tasks: list[str] = MISSING
-    seed: int = MISSING
-    # kind: file (conf/task/file.yaml)
-    path: str | None = None
-    name: str = "file"
-    prompt_template: str = "Question: {question}\nAnswer:"
-    answer_field: str = "answer"
-    scoring: str = "gsm8k"
-    n_shot: int = 0
-    shot_template: str = "Question: {question}\nAnswer: {answer}\n\n"
-    chat: bool | None = None
-    validation_fraction: float = 0.1
-    test_fraction: float = 0.2
-    tests_field: str = "test_list"
-    allow_code_execution: bool = False
-    code_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        from cache_core.bench.taskfile import SCORINGS
-
         v.choice("task.kind", self.kind, ("builtin", "file"))
         if not self.tasks:
             raise ValueError("task.tasks must list at least one task")
@@ -50,33 +35,19 @@ class TaskConfig:
             v.choice("task.tasks", name, TASK_NAMES)
         v.number("task.seed", self.seed, integer=True)
         if self.kind == "file":
-            v.text("task.path", self.path)
-            v.choice("task.scoring", self.scoring, SCORINGS)
-            v.number("task.n_shot", self.n_shot, integer=True, low=0)
-            v.fraction("task.validation_fraction", self.validation_fraction, open_low=False)
-            v.fraction("task.test_fraction", self.test_fraction)
-            if self.validation_fraction + self.test_fraction >= 1.0:
-                raise ValueError("task.validation_fraction + task.test_fraction must leave records for train")
-            v.flag("task.chat", self.chat, optional=True)
-            v.flag("task.allow_code_execution", self.allow_code_execution)
-            v.number("task.code_timeout_s", self.code_timeout_s, low=0.0, open_low=True)
-            if self.scoring == "code" and not self.allow_code_execution:
-                raise ValueError("task.scoring=code executes model-generated programs on this machine: set "
-                                 "task.allow_code_execution=true to accept that")
+            self.check()
 
 
 def make_task(task: Any):
     """The example source of a task config (TaskConfig, or its dict): `.split(name, n)` -> list[Example]."""
-    from dataclasses import fields as dc_fields
-
-    from cache_core.bench.taskfile import FileTask, FileTaskSettings
     from cache_core.bench.tasks import TaskSuite
 
     get = (lambda k, d=None: task.get(k, d)) if isinstance(task, dict) else (lambda k, d=None: getattr(task, k, d))
     if get("kind", "builtin") == "builtin":
         return TaskSuite(list(get("tasks")), seed=int(get("seed", 0)))
-    keys = {f.name for f in dc_fields(FileTaskSettings)}
-    return FileTask(FileTaskSettings(**{k: get(k) for k in keys if get(k) is not None}))
+    if isinstance(task, FileTaskSettings):
+        return FileTask(task)
+    return FileTask(FileTaskSettings(**{f.name: task[f.name] for f in fields(FileTaskSettings) if f.name in task}))
 
 
 @dataclass

@@ -41,11 +41,11 @@ _NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?")
 COUNTERS = {"extraction_failures": 0, "code_timeouts": 0}
 
 
-@dataclass(frozen=True)
+@dataclass
 class FileTaskSettings:
-    """What `task=file` reads (field names are the task group's keys; see conf/task/file.yaml)."""
+    """What `task=file` reads: the task group's file keys (`TaskConfig` extends this; conf/task/file.yaml)."""
 
-    path: str
+    path: str | None = None
     name: str = "file"
     prompt_template: str = "Question: {question}\nAnswer:"
     answer_field: str = "answer"
@@ -59,6 +59,25 @@ class FileTaskSettings:
     tests_field: str = "test_list"
     allow_code_execution: bool = False
     code_timeout_s: float = 10.0
+
+    def check(self) -> None:
+        """Refuse a value a file task cannot run with; each error names the task group's key."""
+        from cache_core import validate as v
+
+        v.text("task.path", self.path)
+        v.choice("task.scoring", self.scoring, SCORINGS)
+        v.number("task.n_shot", self.n_shot, integer=True, low=0)
+        v.number("task.seed", self.seed, integer=True)
+        v.fraction("task.validation_fraction", self.validation_fraction, open_low=False)
+        v.fraction("task.test_fraction", self.test_fraction)
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ValueError("task.validation_fraction + task.test_fraction must leave records for train")
+        v.flag("task.chat", self.chat, optional=True)
+        v.flag("task.allow_code_execution", self.allow_code_execution)
+        v.number("task.code_timeout_s", self.code_timeout_s, low=0.0, open_low=True)
+        if self.scoring == "code" and not self.allow_code_execution:
+            raise ValueError("task.scoring=code runs model-generated programs on this machine; set "
+                             "task.allow_code_execution=true to accept that (see cache_core/bench/taskfile.py)")
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -102,12 +121,8 @@ class FileTask:
     """A file's records split by a fixed seed into train / validation / test, rendered as prompts."""
 
     def __init__(self, settings: FileTaskSettings):
+        settings.check()
         self.settings = s = settings
-        if s.scoring not in SCORINGS:
-            raise ValueError(f"task.scoring={s.scoring!r}; choose one of {list(SCORINGS)}")
-        if s.scoring == "code" and not s.allow_code_execution:
-            raise ValueError("task.scoring=code runs model-generated programs on this machine; set "
-                             "task.allow_code_execution=true to accept that (see cache_core/bench/taskfile.py)")
         records = read_records(s.path)
         needed = _fields(s.prompt_template) | {s.answer_field}
         if s.n_shot:

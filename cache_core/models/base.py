@@ -18,6 +18,7 @@ saving use the classmethod `config_from_dict` and the methods `checkpoint_tensor
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from cache_core.cache import BlockKVCache
@@ -314,6 +317,36 @@ def _attention_to_keys(q: torch.Tensor, cache: BlockKVCache, layer: int, idx: to
     scores = (qd.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~cache.key_mask[:, None, None, :], float("-inf"))
     return scores.softmax(-1).mean(dim=1).cpu()
+
+
+def read_config(cls: type, raw: dict[str, Any], source: str, *, required: set[str],
+                supported: dict[str, set], ignored: set[str], switches: dict[str, Any] | None = None) -> Any:
+    """A family's config dataclass (with a `field_names()` classmethod) from config.json keys; a key set to something
+    the family does not implement is refused by name.
+
+    supported: keys whose value must be one of a set (anything else is another architecture, refused by name);
+    ignored: keys that do not change the maths (bookkeeping, training-only settings); switches: fields the family
+    fixes whatever config.json says (e.g. Dream's q/k/v biases)."""
+    from cache_core.checkpoint import CheckpointError
+
+    for key, allowed in supported.items():
+        if key in raw and not any(raw[key] == value for value in allowed):  # values may be unhashable (dicts)
+            raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported by this loader (supported: "
+                                  f"{sorted(map(repr, allowed))}); this model cannot be run exactly here")
+    missing = sorted(required - set(raw))
+    if missing:
+        raise CheckpointError(f"{source}: missing required keys {missing}; is this a complete config.json?")
+    known = cls.field_names()
+    unknown = set(raw) - known - ignored - set(supported)
+    if unknown:
+        # A key we do not know may change the architecture: say so rather than ignore it silently.
+        log.warning("%s: ignoring unknown config keys %s", source, sorted(unknown))
+    values = {k: val for k, val in raw.items() if k in known}
+    values.update(switches or {})
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: {err}") from err
 
 
 def rowwise(fn: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Tensor, ...],

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, ClassVar
 
-from cache_core.models.hf_layout import DecoderConfig, HFLayoutModel, read_config
+from cache_core.models.base import read_config
+from cache_core.models.hf_layout import DecoderConfig, HFLayoutModel
 
 # Keys that do not change the maths we implement.
 _IGNORED = {

@@ -11,7 +11,6 @@ results match those implementations, not LLaDA's.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -21,8 +20,7 @@ from torch import nn
 
 from cache_core import validate as v
 from cache_core.models.base import DiffusionModel, ModelFacts, rowwise
-
-log = logging.getLogger(__name__)
+from cache_core.models.layers import RMSNorm, apply_rope, attend
 
 
 @dataclass
@@ -92,66 +90,9 @@ class DecoderConfig:
         return {f.name for f in fields(cls)}
 
 
-def read_config(cls: type[DecoderConfig], raw: dict[str, Any], source: str, *, required: set[str],
-                supported: dict[str, set], ignored: set[str], switches: dict[str, Any] | None = None) -> Any:
-    """A config dataclass from config.json keys; a key set to something this family does not implement is refused.
-
-    supported: keys whose value must be one of a set (anything else is another architecture, refused by name);
-    ignored: keys that do not change the maths (bookkeeping, training-only settings); switches: fields the family
-    fixes whatever config.json says (e.g. Dream's q/k/v biases)."""
-    from cache_core.checkpoint import CheckpointError
-
-    for key, allowed in supported.items():
-        if key in raw and not any(raw[key] == value for value in allowed):  # values may be unhashable (dicts)
-            raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported by this loader (supported: "
-                                  f"{sorted(map(repr, allowed))}); this model cannot be run exactly here")
-    missing = sorted(required - set(raw))
-    if missing:
-        raise CheckpointError(f"{source}: missing required keys {missing}; is this a complete config.json?")
-    known = cls.field_names()
-    unknown = set(raw) - known - ignored - set(supported)
-    if unknown:
-        # A key we do not know may change the architecture: say so rather than ignore it silently.
-        log.warning("%s: ignoring unknown config keys %s", source, sorted(unknown))
-    values = {k: val for k, val in raw.items() if k in known}
-    values.update(switches or {})
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source}: {err}") from err
-
-
-class RMSNorm(nn.Module):
+def hf_rms_norm(dim: int, eps: float) -> RMSNorm:
     """transformers' Llama/Qwen2 RMSNorm: normalise in fp32, cast back, then scale."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int) -> torch.Tensor:
-    """Rotate-half RoPE on the first rotary_dim channels of each head (all of them unless partial), HF's numerics.
-
-    x: (B, heads, n, head_dim); positions: (B, n)."""
-    channels = torch.arange(0, rotary_dim, 2, device=x.device, dtype=torch.int64).float()
-    inv_freq = 1.0 / (theta ** (channels / rotary_dim))
-    angles = positions.float()[:, None, :, None] * inv_freq  # (B, 1, n, rotary_dim / 2)
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    rot, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-    rot = rot * cos + rotate_half(rot) * sin
-    return torch.cat((rot, passed), dim=-1) if passed.shape[-1] else rot
+    return RMSNorm(dim, eps, weight_in_fp32=False)
 
 
 class SwiGLU(nn.Module):
@@ -176,8 +117,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
         if cfg.qk_layernorm:  # LLaDA-MoE: RMSNorm over each head's channels, before the rotary embedding
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.q_norm = hf_rms_norm(hd, cfg.rms_norm_eps)
+            self.k_norm = hf_rms_norm(hd, cfg.rms_norm_eps)
 
 
 class DecoderLayer(nn.Module):
@@ -188,8 +129,8 @@ class DecoderLayer(nn.Module):
         self.cfg = cfg
         self.self_attn = Attention(cfg)
         self.mlp = mlp
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = hf_rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = hf_rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,21 +148,16 @@ class DecoderLayer(nn.Module):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         val = val.view(B, n, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        return (apply_rope(q, positions, cfg.rope_theta, cfg.rotary_dim),
-                apply_rope(k, positions, cfg.rope_theta, cfg.rotary_dim), val)
+        return (apply_rope(q, positions, cfg.rope_theta, cfg.rotary_dim, fp32=False),
+                apply_rope(k, positions, cfg.rope_theta, cfg.rotary_dim, fp32=False), val)
 
     def finish(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                key_mask: torch.Tensor | None, real: torch.Tensor | None = None) -> torch.Tensor:
-        B, n, _ = x.shape
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        grouped = self.cfg.num_key_value_heads != self.cfg.num_attention_heads
-        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=grouped)
-
         def residual_updates(rows: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor]:
             rows = rows + self.self_attn.o_proj(heads)
             return (rows + self.mlp(self.post_attention_layernorm(rows)),)
 
-        return rowwise(residual_updates, (x, attended.transpose(1, 2).reshape(B, n, -1)), real)[0]
+        return rowwise(residual_updates, (x, attend(q, keys, values, key_mask)), real)[0]
 
 
 class HFLayoutModel(DiffusionModel):
@@ -238,7 +174,7 @@ class HFLayoutModel(DiffusionModel):
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleList(DecoderLayer(cfg, self.make_mlp(cfg, i))
                                           for i in range(cfg.num_hidden_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.model.norm = hf_rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         for module in self.modules():

@@ -9,7 +9,6 @@ forward are the base class's, shared with every family.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -18,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache_core import validate as v
-from cache_core.models.base import DiffusionModel, ModelFacts, rowwise
+from cache_core.models.base import DiffusionModel, ModelFacts, read_config, rowwise
+from cache_core.models.layers import RMSNorm, apply_rope, attend
 
-log = logging.getLogger(__name__)
 WEIGHT_PREFIX = "model."
 
 
@@ -89,37 +88,6 @@ class ModelConfig:
         return {f.name for f in fields(cls)}
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like LLaDA, so bf16 weights do not change the statistics.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding, rotate-half convention, computed in fp32.
-
-    x: (B, heads, n, head_dim); positions: (B, n) integer positions of those n tokens.
-    """
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[:, None, :, None] * inv_freq  # (B, 1, n, head_dim/2)
-    angles = torch.cat((angles, angles), dim=-1)
-    x32 = x.float()
-    return (x32 * angles.cos() + rotate_half(x32) * angles.sin()).to(x.dtype)
-
-
 class LLaDABlock(nn.Module):
     """x += attn_out(attention(q, k, v) on attn_norm(x)); x += ff_out(silu(ff_proj(h)) * up_proj(h)), h = ff_norm(x)."""
 
@@ -157,17 +125,12 @@ class LLaDABlock(nn.Module):
     def finish(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                key_mask: torch.Tensor | None, real: torch.Tensor | None = None) -> torch.Tensor:
         """Attend the queries of x's rows to (keys, values) and apply the residual attention and MLP updates."""
-        B, n, d = x.shape
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        grouped = self.cfg.n_kv_heads != self.cfg.n_heads
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=grouped)
-
         def residual_updates(rows: torch.Tensor, attended: torch.Tensor) -> tuple[torch.Tensor]:
             rows = rows + self.attn_out(attended)
             h = self.ff_norm(rows)
             return (rows + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)),)
 
-        return rowwise(residual_updates, (x, attn.transpose(1, 2).reshape(B, n, d)), real)[0]
+        return rowwise(residual_updates, (x, attend(q, keys, values, key_mask)), real)[0]
 
 
 # LLaDA config keys that do not change the maths we implement (bookkeeping, training-only settings).
@@ -271,26 +234,8 @@ class LLaDAModel(DiffusionModel):
     @classmethod
     def config_from_dict(cls, raw: dict[str, Any], source: str) -> ModelConfig:
         """A ModelConfig from LLaDA-style config keys; settings of another architecture are refused."""
-        from cache_core.checkpoint import CheckpointError
-
-        for key, allowed in _REQUIRED_VALUES.items():
-            if key in raw and raw[key] not in allowed:
-                raise CheckpointError(
-                    f"{source}: {key}={raw[key]!r} is not supported (supported: {sorted(map(str, allowed))}); "
-                    "this loader implements LLaDA's architecture only"
-                )
-        known = ModelConfig.field_names()
-        unknown = set(raw) - known - _IGNORED_KEYS - set(_REQUIRED_VALUES)
-        if unknown:
-            # A key we do not know may change the architecture: say so rather than ignore it silently.
-            log.warning("%s: ignoring unknown config keys %s", source, sorted(unknown))
-        missing = {"vocab_size", "mask_token_id"} - set(raw)
-        if missing:
-            raise CheckpointError(f"{source}: missing required keys {sorted(missing)}")
-        try:
-            return ModelConfig(**{k: v for k, v in raw.items() if k in known})
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{source}: {err}") from err
+        return read_config(ModelConfig, raw, source, required={"vocab_size", "mask_token_id"},
+                           supported=_REQUIRED_VALUES, ignored=_IGNORED_KEYS)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {WEIGHT_PREFIX + k: v for k, v in self.state_dict().items()}

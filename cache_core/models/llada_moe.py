@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from cache_core import validate as v
-from cache_core.models.hf_layout import DecoderConfig, HFLayoutModel, SwiGLU, read_config
+from cache_core.models.base import read_config
+from cache_core.models.hf_layout import DecoderConfig, HFLayoutModel, SwiGLU
 
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "expert_intermediate_size")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
