@@ -31,6 +31,7 @@ MODES = {  # mode -> the module whose run(cfg) does it
     "rl": "policies.rl",
     "export": "policies.export",
     "evaluate": "policies.evaluate",
+    "tune": "cache_core.bench.tuning",
 }
 # The main job: collect rollouts, train the predictor (which exports itself into the run directory), evaluate it
 # against the heuristics, the oracle and the shipped policies. It writes into its run directory only.

@@ -43,6 +43,10 @@ class StepRecord:
     cache_bytes: int
     wall_s: float
     committed: int  # tokens committed this step, all rows together
+    host_cache_bytes: int = 0  # blocks the memory manager offloaded to host memory
+    monitor_flops: float = 0.0  # the quality monitor's shadow forward (included in flops)
+    monitor_rows: int = 0  # rows the monitor checked at this step
+    monitor_alarms: int = 0  # rows it repaired
 
 
 @dataclass
@@ -81,6 +85,10 @@ class GenerationStats:
             "flop_fraction": self.flop_fraction,
             "positions_x_layers": sum(s.positions_x_layers for s in self.steps),
             "peak_cache_bytes": self.peak_cache_bytes,
+            "peak_host_cache_bytes": max((s.host_cache_bytes for s in self.steps), default=0),
+            "monitor_flops": sum(s.monitor_flops for s in self.steps),
+            "monitor_checks": sum(s.monitor_rows for s in self.steps),
+            "monitor_alarms": sum(s.monitor_alarms for s in self.steps),
             "wall_s": self.wall_s,
         }
 

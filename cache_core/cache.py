@@ -1,18 +1,26 @@
 """The block KV cache and the refresh plan a policy hands it each step.
 
-The canvas (left-padded prompt + generation region) is cut into cache blocks of `block_size` positions; the prompt
-is left-padded to a multiple of the block size so that every block is whole and the generation region starts on a
-block boundary. Per layer the cache keeps keys, values and the layer's *input* hidden states: the inputs are what a
-refresh from layer k > 0 needs (Elastic-Cache style depth refresh), since the layers below k are not run.
+The canvas (left-padded prompt + generation region) is cut into cache blocks by a `BlockPartition` (by default one
+cache block per decoding block; see `cache_core.partition` for other sizes and the dynamic partition); the prompt is
+left-padded to a multiple of the decoding block so that the generation region starts on a block boundary. Per layer
+the cache keeps keys, values and the layer's *input* hidden states: the inputs are what a refresh from layer k > 0
+needs (Elastic-Cache style depth refresh), since the layers below k are not run. With a memory manager
+(`cache_core.memory`) they live in a paged store at per-block precisions and a layer is materialised only while it
+runs (`open_layer` / `close_layer`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from cache_core.models.base import ModelFacts
+from cache_core.partition import BlockPartition
+
+if TYPE_CHECKING:
+    from cache_core.memory import MemoryConfig
 
 
 @dataclass
@@ -66,23 +74,58 @@ class RefreshPlan:
 class BlockKVCache:
     """Per-layer keys, values and layer inputs for every canvas position, updated in place by partial forwards."""
 
-    def __init__(self, facts: ModelFacts, key_mask: torch.Tensor, positions: torch.Tensor, block_size: int,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, facts: ModelFacts, key_mask: torch.Tensor, positions: torch.Tensor,
+                 partition: BlockPartition | int, dtype: torch.dtype = torch.float32,
+                 memory: MemoryConfig | None = None, page_size: int | None = None):
         B, N = key_mask.shape
-        if N % block_size:
-            raise ValueError(f"canvas length {N} is not a multiple of the cache block size {block_size}")
         device = key_mask.device
+        if isinstance(partition, int):
+            partition = BlockPartition.uniform(N, partition, device)
+        if partition.length != N:
+            raise ValueError(f"the cache partition covers {partition.length} positions, the canvas has {N}")
         self.facts = facts
-        self.block_size = block_size
-        self.n_blocks = N // block_size
+        self.partition = partition.to(device)
         self.key_mask = key_mask  # (B, N) False on left padding: never attended to, never computed
         self.positions = positions  # (B, N) rotary positions, 0 at each row's first real token
         L = facts.n_layers
+        self.computed = [torch.zeros(B, N, dtype=torch.bool, device=device) for _ in range(L)]
+        self.resident = key_mask.clone()  # (B, N) positions whose K/V are held (all real ones without a memory budget)
+        # With a memory manager the per-layer tensors exist only while a layer is open (see cache_core.memory).
+        self.store = None
+        self._pending_hidden: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        if memory is not None:
+            from cache_core.memory import PagedStore
+
+            self.store = PagedStore(self, memory, page_size or partition.uniform_size or N, dtype)
+            if memory.budget_bytes is not None and memory.budget_bytes < self.store.minimum_bytes():
+                raise ValueError(
+                    f"memory budget_bytes={memory.budget_bytes} is smaller than the decoding block needs: "
+                    f"{self.store.minimum_bytes()} bytes (the one-layer workspace, {self.store.workspace_bytes}, plus "
+                    f"the decoding block at native precision); raise budget_bytes or lower the batch size"
+                )
+            self.keys: list[torch.Tensor | None] = [None] * L
+            self.values: list[torch.Tensor | None] = [None] * L
+            self.hidden: list[torch.Tensor | None] = [None] * L
+            return
         kv_shape = (B, facts.n_kv_heads, N, facts.head_dim)
         self.keys = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(L)]
         self.values = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(L)]
         self.hidden = [torch.zeros(B, N, facts.hidden_size, dtype=dtype, device=device) for _ in range(L)]
-        self.computed = [torch.zeros(B, N, dtype=torch.bool, device=device) for _ in range(L)]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.partition.n_blocks
+
+    @property
+    def block_size(self) -> int | None:
+        """The cache block size when every block has one (None for a dynamic partition)."""
+        return self.partition.uniform_size
+
+    def set_partition(self, partition: BlockPartition) -> None:
+        """Re-cut the cache into other blocks (the stored per-position state is unchanged)."""
+        if partition.length != self.shape[1]:
+            raise ValueError(f"the cache partition covers {partition.length} positions, the canvas has {self.shape[1]}")
+        self.partition = partition.to(self.key_mask.device)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,16 +140,75 @@ class BlockKVCache:
         B, N = self.shape
         L = self.facts.n_layers
         plan.validate(B, self.n_blocks, L, N)
-        start = plan.start_layer.to(required.device).repeat_interleave(self.block_size, dim=1)
+        start = self.partition.expand(plan.start_layer.to(required.device))
         if plan.refresh_positions is not None:
             start = torch.where(plan.refresh_positions.to(required.device), 0, start)
         incomplete = torch.stack(self.computed).logical_not().any(0)
         start = torch.where(required | incomplete, 0, start)
-        return torch.where(self.key_mask, start, L)
+        if self.store is not None and bool((required & ~self.resident & self.key_mask).any()):
+            raise RuntimeError("the memory manager evicted a position the step must compute")
+        return torch.where(self.resident, start, L)  # padding and evicted positions are never computed
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, N) keys attended to: real positions whose K/V are held (evicted blocks drop out, as in DPad)."""
+        return self.resident if self.store is not None else self.key_mask
+
+    # --- layer access: a no-op for the dense cache, (de)quantisation for the paged store ----------------------------
+    def open_layer(self, layer: int) -> None:
+        """Make keys[layer], values[layer], hidden[layer] dense tensors (and apply pending input writes)."""
+        if self.store is None:
+            return
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer], self.hidden[layer] = self.store.materialise(layer)
+        pending = self._pending_hidden.pop(layer, None)
+        if pending is not None:
+            rows, idx, x = pending
+            self.hidden[layer][rows, idx] = x
+
+    def close_layer(self, layer: int, written: torch.Tensor | None) -> None:
+        """Store the pages of `layer` holding `written` positions (None: nothing written) and free the workspace."""
+        if self.store is None:
+            return
+        if written is not None:
+            self.store.write_back(layer, self.keys[layer], self.values[layer], self.hidden[layer],
+                                  self.store.dirty_pages(written))
+        self.keys[layer] = self.values[layer] = self.hidden[layer] = None
+
+    def set_hidden(self, layer: int, rows: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> None:
+        """Write layer inputs at (rows, idx); for a closed layer of the paged store, when the layer opens."""
+        if self.store is not None and self.keys[layer] is None:
+            self._pending_hidden[layer] = (rows, idx, x)
+            return
+        self.hidden[layer][rows, idx] = x
+
+    def plan_memory(self, decoding_start: int, block_length: int, canvas: torch.Tensor, mask_id: int) -> None:
+        """The memory manager's decision for the next step: tiers, evictions and readmissions (see memory.py)."""
+        store = self.store
+        if store is None:
+            return
+        P = store.page_size
+        masked = ((canvas == mask_id) & self.key_mask).view(canvas.shape[0], store.n_pages, P).any(-1).any(0)
+        dropped, readmitted = store.plan(decoding_start // P, [not bool(m) for m in masked])
+        for p in dropped:
+            store.drop(p)
+            if not store.offloaded[p]:
+                for computed in self.computed:
+                    computed[:, p * P:(p + 1) * P] = False
+        store.bring_back(readmitted)
+        resident = torch.tensor([t != "evicted" for t in store.tier], device=self.key_mask.device)
+        self.resident = resident.repeat_interleave(P)[None, :] & self.key_mask
+
+    def host_bytes(self) -> int:
+        """Bytes of blocks offloaded to host memory by the memory manager (0 without one)."""
+        return self.store.host_bytes() if self.store is not None else 0
 
     def nbytes(self) -> int:
-        """Bytes held by the cache tensors (keys, values and layer inputs)."""
+        """Bytes the cache holds: its tensors (keys, values and layer inputs); with a memory manager, the paged store
+        plus the one-layer workspace a forward materialises."""
+        if self.store is not None:
+            return self.store.device_bytes()
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.hidden))
 
     def block_slice(self, block: int) -> slice:
-        return slice(block * self.block_size, (block + 1) * self.block_size)
+        return self.partition.slice(block)

@@ -27,16 +27,25 @@ class _View:
     def __init__(self, session: DecodingSession, budget: float | None):
         self.s, self.budget = session, budget
         cache = session.cache
-        self.B, N = session.canvas.shape
-        self.bs, self.nb = cache.block_size, cache.n_blocks
+        self.B, self.N = session.canvas.shape
+        self.partition, self.nb = cache.partition, cache.n_blocks
         self.valid = cache.key_mask.float()
         self.blocks = torch.arange(self.nb, device=session.canvas.device)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean of a (B, N) tensor over each block's valid positions: (B, n_blocks); 0 where a block has none."""
-        v = (values * self.valid).view(self.B, self.nb, self.bs).sum(-1)
-        w = self.valid.view(self.B, self.nb, self.bs).sum(-1)
-        return torch.where(w > 0, v / w.clamp(min=1e-9), torch.zeros_like(v))
+        return self.partition.mean(values, self.valid)
+
+    def relative_position(self) -> torch.Tensor:
+        d = self.s.decoding_block
+        if self.partition.uniform_size is not None:  # (b - d) / nb: the same value, kept bit for bit
+            return self.per_block((self.blocks - d).float() / self.nb)
+        starts = self.partition.starts.to(self.blocks.device)
+        return self.per_block((starts - starts[d]).float() / self.N)
+
+    def is_decoding(self) -> torch.Tensor:
+        first, end = self.s.decoding_blocks
+        return self.per_block((self.blocks >= first) & (self.blocks < end))
 
     def per_block(self, values: torch.Tensor) -> torch.Tensor:
         """(n_blocks,) -> (B, n_blocks)."""
@@ -48,7 +57,7 @@ class _View:
 
     def attention_mass(self, previous: bool = False) -> torch.Tensor:
         mass = self.s.previous_attention_mass if previous else self.s.attention_mass
-        return mass.view(self.B, self.nb, self.bs).sum(-1)
+        return self.partition.sum(mass)
 
 
 @dataclass(frozen=True)
@@ -64,12 +73,12 @@ class Column:
 
 
 BLOCK_COLUMNS: tuple[Column, ...] = (
-    Column("relative_position", "(block - decoding block) / number of blocks", -1.0, 1.0,
-           lambda v: v.per_block((v.blocks - v.s.decoding_block).float() / v.nb)),
+    Column("relative_position", "(block start - decoding block start) / canvas length (= (block - decoding block) / "
+           "number of blocks for equal blocks)", -1.0, 1.0, lambda v: v.relative_position()),
     Column("is_prompt", "1 if the block belongs to the prompt", 0.0, 1.0,
-           lambda v: v.per_block(v.blocks < v.s.prompt_region // v.bs)),
-    Column("is_decoding", "1 if the block is the one being decoded (always recomputed)", 0.0, 1.0,
-           lambda v: v.per_block(v.blocks == v.s.decoding_block)),
+           lambda v: v.per_block(v.blocks < v.s.prompt_blocks)),
+    Column("is_decoding", "1 if the block is (or overlaps) the one being decoded (always recomputed)", 0.0, 1.0,
+           lambda v: v.is_decoding()),
     Column("masked_fraction", "fraction of the block's positions still masked", 0.0, 1.0,
            lambda v: v.mean((v.s.canvas == v.s.mask_id).float())),
     Column("changed_since_refresh", "fraction of the block's tokens changed since it was last recomputed", 0.0, 1.0,
@@ -88,7 +97,7 @@ BLOCK_COLUMNS: tuple[Column, ...] = (
     Column("refresh_drift", "1 - cos(old, new) of the block's values at its last recompute (all layers)", 0.0, 1.0,
            lambda v: v.mean(v.s.refresh_drift.clamp(0, 1))),
     Column("valid_fraction", "fraction of the block's positions that are not padding", 0.0, 1.0,
-           lambda v: v.valid.view(v.B, v.nb, v.bs).mean(-1)),
+           lambda v: v.partition.fraction(v.valid)),
 )
 GLOBAL_COLUMNS: tuple[Column, ...] = (
     Column("progress", "fraction of the generation region already committed", 0.0, 1.0,
@@ -99,8 +108,9 @@ GLOBAL_COLUMNS: tuple[Column, ...] = (
            lambda v: v.constant(min(v.s.step_in_block / v.s.block_length, 1.0))),
     Column("compute_spent", "FLOPs spent so far / FLOPs of full recompute so far (1 before the first step)", 0.0, 1.0,
            lambda v: v.constant(min(v.s.stats.flop_fraction if v.s.stats.steps else 1.0, 1.0))),
-    Column("budget", "the compute budget as a FLOP fraction (1 when not budget-conditioned)", 0.0, 1.0,
-           lambda v: v.constant(1.0 if v.budget is None else float(v.budget))),
+    Column("budget", "the compute budget as a FLOP fraction (1 when not budget-conditioned; raised by the quality "
+           "monitor's alarms)", 0.0, 1.0,
+           lambda v: v.s.effective_budget(v.budget)),
 )
 BLOCK_FEATURE_NAMES = tuple(c.name for c in BLOCK_COLUMNS)
 GLOBAL_FEATURE_NAMES = tuple(c.name for c in GLOBAL_COLUMNS)

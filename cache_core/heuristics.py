@@ -113,7 +113,7 @@ class DLLMCache(ReusePolicy):
             refresh |= response
         plan = RefreshPlan.from_refresh_mask(refresh, L)
         if not bool(refresh[:, ctx.prompt_blocks:].all()) and self.rho > 0:
-            candidates = response.repeat_interleave(ctx.block_length, dim=1) & ctx.key_mask.cpu()
+            candidates = ctx.expand(response) & ctx.key_mask.cpu()
             plan.adaptive = (candidates.to(ctx.device), self.rho)
         return plan
 

@@ -20,6 +20,7 @@ import torch
 
 from cache_core.cache import RefreshPlan
 from cache_core.features import StepFeatures
+from cache_core.partition import BlockPartition
 
 if TYPE_CHECKING:
     from cache_core.session import DecodingSession, ShadowForward, StepResult
@@ -42,6 +43,7 @@ class StepContext:
     key_mask: torch.Tensor  # (B, N) False on left padding
     mask_id: int
     budget: float | None = None
+    partition: BlockPartition | None = None  # the cache blocks (None: one per decoding block of block_length)
     shadow_forward: Callable[[], ShadowForward] | None = field(default=None, repr=False)
 
     @classmethod
@@ -49,9 +51,10 @@ class StepContext:
         return cls(
             batch_size=session.batch_size, n_blocks=session.n_blocks, n_layers=session.n_layers,
             block_length=session.block_length, step=session.step_index, step_in_block=session.step_in_block,
-            decoding_block=session.decoding_block, prompt_blocks=session.prompt_region // session.block_length,
+            decoding_block=session.decoding_block, prompt_blocks=session.prompt_blocks,
             canvas=session.canvas, tokens_at_refresh=session.tokens_at_refresh, key_mask=session.cache.key_mask,
-            mask_id=session.mask_id, budget=budget, shadow_forward=session.shadow_forward,
+            mask_id=session.mask_id, budget=budget, partition=session.cache.partition,
+            shadow_forward=session.shadow_forward,
         )
 
     @property
@@ -68,6 +71,12 @@ class StepContext:
         if self.shadow_forward is None:
             raise RuntimeError("this context has no session to run a shadow forward on")
         return self.shadow_forward()
+
+    def expand(self, per_block: torch.Tensor) -> torch.Tensor:
+        """(B, n_blocks) -> (B, N): each block's value at each of its positions."""
+        if self.partition is None:
+            return per_block.repeat_interleave(self.block_length, dim=1)
+        return self.partition.to(per_block.device).expand(per_block)
 
     def block_mask(self, lo: int, hi: int | None = None) -> torch.Tensor:
         """(B, n_blocks) True for blocks in [lo, hi)."""

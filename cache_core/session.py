@@ -15,7 +15,10 @@ import torch
 from cache_core.accounting import GenerationStats, StepRecord, full_step_flops, step_flops
 from cache_core.cache import BlockKVCache, RefreshPlan
 from cache_core.features import StepFeatures, compute_features
+from cache_core.memory import MemoryConfig
 from cache_core.models.base import DiffusionModel, PartialForwardTrace, check_trace_attention
+from cache_core.monitor import QualityMonitor
+from cache_core.partition import BlockPartition, DynamicPartitioner, PartitionError
 
 REMASKING = ("low_confidence", "random")
 
@@ -56,7 +59,9 @@ class DecodingSession:
     def __init__(self, model: DiffusionModel, prompts: list[list[int]] | list[torch.Tensor], gen_length: int,
                  block_length: int, steps: int | None, threshold: float | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", pad_id: int | None = None, seed: int | None = None,
-                 trace_attention: bool | str = True):
+                 trace_attention: bool | str = True, cache_block_size: int | None = None,
+                 dynamic_blocks: DynamicPartitioner | None = None, monitor: QualityMonitor | None = None,
+                 memory: MemoryConfig | None = None):
         facts = model.facts
         validate_generation_args(prompts, gen_length, block_length, steps, threshold, temperature, remasking)
         self.model = model
@@ -98,7 +103,16 @@ class DecodingSession:
                              "was it encoded with this model's tokenizer?")
         positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
         self.canvas = canvas.to(device)
-        self.cache = BlockKVCache(facts, key_mask.to(device), positions.to(device), block_length, dtype=model.dtype)
+        if dynamic_blocks is not None and cache_block_size is not None:
+            raise PartitionError("cache_block_size and dynamic_blocks are exclusive: a dynamic partition sets its own "
+                                 "sizes (its granule is DynamicPartitioner.granule)")
+        if dynamic_blocks is not None:
+            dynamic_blocks.check(block_length)
+        self.dynamic_blocks = dynamic_blocks
+        size = (dynamic_blocks.granule or block_length) if dynamic_blocks is not None else cache_block_size
+        partition = BlockPartition.fixed(self.prompt_region, gen_length, block_length, size or block_length, device)
+        self.cache = BlockKVCache(facts, key_mask.to(device), positions.to(device), partition, dtype=model.dtype,
+                                  memory=memory, page_size=block_length)
 
         # Bookkeeping the features read; every tensor is (B, N).
         self.step_index = 0
@@ -114,8 +128,19 @@ class DecodingSession:
         self.previous_attention_mass = torch.zeros(B, N, device=device)
         self.refresh_drift = torch.zeros(B, N, device=device)
         self.stats = GenerationStats()
+        self.monitor = monitor
+        if monitor is not None:
+            monitor.reset()
+        self.budget_boost = torch.zeros(B, device=device)  # raised per row by the quality monitor's alarms
         self._schedule = self._block_schedule()
         self._shadow: ShadowForward | None = None
+        self._plan_memory()
+
+    def _plan_memory(self) -> None:
+        """The memory manager's tiers for the next step, decided as soon as the step before it ends (so that a
+        prefetch of offloaded pages overlaps the policy's planning)."""
+        if self.cache.store is not None and not self.done:
+            self.cache.plan_memory(self.decoding_start, self.block_length, self.canvas, self.mask_id)
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -131,9 +156,30 @@ class DecodingSession:
         return self.model.facts.n_layers
 
     @property
+    def decoding_start(self) -> int:
+        """Canvas position of the first token of the decoding block."""
+        return self.prompt_region + self.generation_block * self.block_length
+
+    @property
     def decoding_block(self) -> int:
-        """Cache-block index of the block being decoded."""
-        return self.prompt_region // self.block_length + self.generation_block
+        """Index of the (first) cache block holding the decoding block (the decoding block itself by default)."""
+        if self.decoding_start >= self.canvas.shape[1]:  # generation complete: one past the last block
+            return self.n_blocks
+        return int(self.cache.partition.block_of[self.decoding_start])
+
+    @property
+    def decoding_blocks(self) -> tuple[int, int]:
+        """Cache blocks [first, last + 1) that overlap the decoding block."""
+        if self.done:
+            return self.n_blocks, self.n_blocks
+        last = self.decoding_start + self.block_length - 1
+        return self.decoding_block, int(self.cache.partition.block_of[last]) + 1
+
+    @property
+    def prompt_blocks(self) -> int:
+        """Cache blocks [0, prompt_blocks) hold the prompt."""
+        return int(self.cache.partition.block_of[self.prompt_region]) if self.prompt_region < self.canvas.shape[1] \
+            else self.n_blocks
 
     @property
     def done(self) -> bool:
@@ -146,15 +192,21 @@ class DecodingSession:
 
     def block_positions(self) -> torch.Tensor:
         """(B, block_length) positions of the decoding block."""
-        s = self.decoding_block * self.block_length
+        s = self.decoding_start
         return torch.arange(s, s + self.block_length, device=self.canvas.device).expand(self.batch_size, -1)
 
     def required_positions(self) -> torch.Tensor:
         """The decoding block and the positions its logits come from (a shifted-logit family adds the one before)."""
         required = torch.zeros_like(self.canvas, dtype=torch.bool)
-        required[:, self.cache.block_slice(self.decoding_block)] = True
+        required[:, self.decoding_start:self.decoding_start + self.block_length] = True
         required.scatter_(1, self.model.logit_sources(self.block_positions()), True)
         return required
+
+    def effective_budget(self, budget: float | None) -> torch.Tensor:
+        """(B,) the budget each row runs at: the one asked for plus the monitor's boosts, at most 1 (1 with none)."""
+        if budget is None:
+            return torch.ones(self.batch_size, device=self.canvas.device)
+        return (float(budget) + self.budget_boost).clamp(max=1.0)
 
     def features(self, budget: float | None = None) -> StepFeatures:
         return compute_features(self, budget)
@@ -165,14 +217,16 @@ class DecodingSession:
             with torch.inference_mode():
                 logits, keys, values = self.model(self.canvas, self.cache.key_mask, self.cache.positions,
                                                   return_kv=True)
-            drift = torch.stack(
-                [torch.maximum(_block_drift(self.cache.keys[l], keys[l], self.cache),
-                               _block_drift(self.cache.values[l], values[l], self.cache))
-                 for l in range(self.n_layers)], dim=-1,
-            )
-            never = ~torch.stack(self.cache.computed, -1).view(self.batch_size, self.n_blocks, self.block_length, -1)
-            valid = self.cache.key_mask.view(self.batch_size, self.n_blocks, self.block_length)[..., None]
-            drift = torch.where((never & valid).any(2), float("inf"), drift)
+            cache, per_layer = self.cache, []
+            for layer in range(self.n_layers):
+                cache.open_layer(layer)
+                per_layer.append(torch.maximum(
+                    block_drift(cache.keys[layer], keys[layer], cache.key_mask, cache.partition),
+                    block_drift(cache.values[layer], values[layer], cache.key_mask, cache.partition)))
+                cache.close_layer(layer, None)
+            drift = torch.stack(per_layer, dim=-1)
+            never = ~torch.stack(self.cache.computed, -1) & self.cache.key_mask[..., None]  # (B, N, L)
+            drift = torch.where(self.cache.partition.any(never), float("inf"), drift)
             pos = self.block_positions()
             block_logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
             self._shadow = ShadowForward(block_logits, drift)
@@ -195,25 +249,35 @@ class DecodingSession:
         with torch.inference_mode():
             logits, trace = self.model.forward_partial(self.canvas, self.cache, start, positions,
                                                        trace_attention=self.trace_attention, adaptive=plan.adaptive)
+        report = None
+        if self.monitor is not None and self.monitor.due(self.step_index):
+            logits, repaired, report = self.monitor.check(self, logits, positions)
+            start = torch.where(repaired, 0, start)  # repaired entries are fresh: the bookkeeping treats them so
         canvas_before = self.canvas.clone()
         committed = self._commit(logits, positions)
         self._update_bookkeeping(start, trace, logits, positions, canvas_before)
         wall = time.perf_counter() - t0
 
-        n_keys = self.cache.key_mask.sum(1)
+        n_keys = self.cache.attention_mask.sum(1)  # evicted blocks are not attended to
         record = StepRecord(
             step=self.step_index,
             decoding_block=self.generation_block,
-            flops=step_flops(self.model, trace.active_counts, n_keys, self.block_length) + trace.extra_flops,
-            full_flops=full_step_flops(self.model, n_keys, self.block_length),
+            flops=step_flops(self.model, trace.active_counts, n_keys, self.block_length) + trace.extra_flops
+            + (report.flops if report else 0.0),
+            full_flops=full_step_flops(self.model, self.cache.key_mask.sum(1), self.block_length),
             positions_x_layers=int(trace.active_counts.sum()),
             cache_bytes=self.cache.nbytes(),
+            host_cache_bytes=self.cache.host_bytes(),
             wall_s=wall,
             committed=int(committed.sum()),
+            monitor_flops=report.flops if report else 0.0,
+            monitor_rows=report.rows if report else 0,
+            monitor_alarms=report.alarms if report else 0,
         )
         self.stats.record(record)
         self._shadow = None
         self._advance()
+        self._plan_memory()
         return StepResult(record, committed, logits, start, trace)
 
     def _commit(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -232,11 +296,21 @@ class DecodingSession:
             conf = probs.gather(-1, x0[..., None]).squeeze(-1)
         else:
             conf = torch.rand(x0.shape, generator=self.generator).to(x0.device)
+        transfer = self.transfer_mask(conf, masked)
+        new_tokens = torch.where(transfer, x0, block_tokens)
+        self.canvas.scatter_(1, positions, new_tokens)
+        committed = torch.zeros_like(self.canvas, dtype=torch.bool)
+        committed.scatter_(1, positions, transfer)
+        return committed
+
+    def transfer_mask(self, conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Which masked positions of the block this step commits, given their confidence (B, block_length): LLaDA's
+        schedule (the k most confident) or Fast-dLLM's threshold (all above it, at least the most confident one)."""
         conf = torch.where(masked, conf, torch.tensor(float("-inf"), device=conf.device))
         transfer = torch.zeros_like(masked)
         if self.threshold is None:
             k = self._schedule[self.step_in_block]
-            for b in range(self.batch_size):
+            for b in range(conf.shape[0]):
                 n = min(k, int(masked[b].sum()))
                 if n > 0:
                     transfer[b, conf[b].topk(n).indices] = True
@@ -244,12 +318,8 @@ class DecodingSession:
             transfer = masked & (conf >= self.threshold)
             top = conf.argmax(-1)
             has_mask = masked.any(-1)
-            transfer[torch.arange(self.batch_size)[has_mask], top[has_mask]] = True  # at least one per step
-        new_tokens = torch.where(transfer, x0, block_tokens)
-        self.canvas.scatter_(1, positions, new_tokens)
-        committed = torch.zeros_like(self.canvas, dtype=torch.bool)
-        committed.scatter_(1, positions, transfer)
-        return committed
+            transfer[torch.arange(conf.shape[0])[has_mask], top[has_mask]] = True  # at least one per step
+        return transfer
 
     def _update_bookkeeping(self, start: torch.Tensor, trace: PartialForwardTrace, logits: torch.Tensor,
                             positions: torch.Tensor, canvas_before: torch.Tensor) -> None:
@@ -275,18 +345,29 @@ class DecodingSession:
     def _advance(self) -> None:
         self.step_index += 1
         self.step_in_block += 1
-        block_done = not bool((self.canvas[:, self.cache.block_slice(self.decoding_block)] == self.mask_id).any())
+        start = self.decoding_start
+        block_done = not bool((self.canvas[:, start:start + self.block_length] == self.mask_id).any())
         if block_done:
             self.generation_block += 1
             self.step_in_block = 0
+            if self.dynamic_blocks is not None and not self.done:
+                self._repartition()
+
+    def _repartition(self) -> None:
+        """Re-cut the cache for the next decoding block (DynamicPartitioner)."""
+        dyn = self.dynamic_blocks
+        committed = (self.canvas != self.mask_id) | ~self.cache.key_mask
+        stable = committed & (self.refresh_drift <= dyn.merge_below)
+        diverging = self.refresh_drift > dyn.split_above
+        self.cache.set_partition(dyn.partition(stable, diverging, self.prompt_region, self.block_length))
 
 
-def _block_drift(cached: torch.Tensor, fresh: torch.Tensor, cache: BlockKVCache) -> torch.Tensor:
+def block_drift(cached: torch.Tensor, fresh: torch.Tensor, key_mask: torch.Tensor, partition: BlockPartition
+                ) -> torch.Tensor:
     """||cached - fresh|| / ||fresh|| per block over valid positions: (B, n_blocks). Inputs (B, heads, N, hd)."""
-    B, _, N, _ = fresh.shape
-    valid = cache.key_mask[:, None, :, None].float()
-    diff = ((cached.float() - fresh.float()) * valid).pow(2).sum((1, 3)).view(B, cache.n_blocks, -1).sum(-1)
-    ref = (fresh.float() * valid).pow(2).sum((1, 3)).view(B, cache.n_blocks, -1).sum(-1)
+    valid = key_mask[:, None, :, None].float()
+    diff = partition.sum(((cached.float() - fresh.float()) * valid).pow(2).sum((1, 3)))
+    ref = partition.sum((fresh.float() * valid).pow(2).sum((1, 3)))
     return (diff / ref.clamp(min=1e-12)).sqrt()
 
 

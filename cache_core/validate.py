@@ -88,3 +88,23 @@ def read_json_object(path: Any, what: str, error: type[Exception] = ValueError, 
     if not isinstance(data, dict):
         raise error(f"{path}: a {what} must be a JSON object, this one is a {type(data).__name__}{suffix}")
     return data
+
+
+def runtime_part(cls: type, value: Any, argument: str, error: type[Exception] = ValueError) -> Any:
+    """A cache-runtime argument of generate() (monitor=, memory=, dynamic_blocks=) as `cls` or None (off): an
+    instance, a dict of its fields, True (its defaults) or None/False; an instance or dict with enabled=False is off."""
+    from dataclasses import fields
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = cls()
+    elif isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise error(f"{argument}: unknown keys {unknown}; known: {sorted(known)}")
+        value = cls(**value)
+    elif not isinstance(value, cls):
+        raise error(f"{argument}={value!r}: pass a {cls.__name__}, a dict of its fields, True or None")
+    return value if value.enabled else None

@@ -23,7 +23,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from cache_core import validate as v
 from cache_core.actions import ACTION_MODES
 from cache_core.bench import REPO_ROOT
-from cache_core.bench.config import BenchmarkConfig, BuiltinModelConfig, GenerationConfig, PretrainConfig, TaskConfig
+from cache_core.bench.config import (
+    BenchmarkConfig,
+    BuiltinModelConfig,
+    GenerationConfig,
+    PretrainConfig,
+    TaskConfig,
+    TuneConfig,
+)
 from cache_core.bench.tasks import SPLITS
 from cache_core.bench.tracking import LoggerConfig
 from cache_core.registry import check_policy_name
@@ -32,7 +39,8 @@ from policies.predictor import ARCHS
 
 CONF_DIR = REPO_ROOT / "conf"
 # The jobs of train.py (its MODES maps each but `main` to the module that runs it).
-JOB_MODES = ("main", "pretrain", "benchmark", "collect", "env_benchmark", "supervised", "rl", "export", "evaluate")
+JOB_MODES = ("main", "pretrain", "benchmark", "collect", "env_benchmark", "supervised", "rl", "export", "evaluate",
+             "tune")
 GROUP_BY = ("episode", "prompt")
 VEC_ENVS = ("subproc", "dummy", "ray")
 LABEL_WEIGHTINGS = ("none", "attention")
@@ -370,6 +378,7 @@ class RootConfig:
     evaluate: EvaluateConfig = MISSING
     export: ExportConfig = MISSING
     ray: RayConfig = MISSING
+    tune: TuneConfig = MISSING
 
     def __post_init__(self) -> None:
         v.choice("mode", self.mode, JOB_MODES)
@@ -386,7 +395,7 @@ SCHEMAS: dict[str, type] = {
     "model": BuiltinModelConfig, "task": TaskConfig, "generation": GenerationConfig, "pretrain": PretrainConfig,
     "benchmark": BenchmarkConfig, "env": EnvConfig, "collect": CollectConfig, "env_benchmark": EnvBenchmarkConfig,
     "data": DataConfig, "policy": PolicyConfig, "trainer": TrainerConfig, "logger": LoggerConfig, "rl": RLConfig,
-    "evaluate": EvaluateConfig, "export": ExportConfig, "ray": RayConfig,
+    "evaluate": EvaluateConfig, "export": ExportConfig, "ray": RayConfig, "tune": TuneConfig,
 }
 
 

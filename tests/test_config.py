@@ -17,7 +17,7 @@ ENGINE_MODULES = ["cache_core", "cache_core.actions", "cache_core.accounting", "
                   "cache_core.checkpoint", "cache_core.features", "cache_core.generate", "cache_core.heuristics",
                   "cache_core.learned", "cache_core.models", "cache_core.models.base", "cache_core.models.llada",
                   "cache_core.models.hf_layout", "cache_core.models.dream", "cache_core.models.llada_moe",
-                  "cache_core.models.layers",
+                  "cache_core.models.layers", "cache_core.partition", "cache_core.monitor", "cache_core.memory",
                   "cache_core.oracle", "cache_core.policy", "cache_core.registry", "cache_core.runtime",
                   "cache_core.session", "cache_core.tokenizer", "cache_core.validate", "cache_core.__main__"]
 FRAMEWORKS = ("lightning", "pytorch_lightning", "stable_baselines3", "wandb", "hydra", "omegaconf", "matplotlib")

@@ -67,3 +67,22 @@ def test_pretrain_on_gpu(tmp_path) -> None:
     assert result["steps"] == 4
     loaded = load_model(tmp_path / "tiny")  # written from GPU tensors, loads on the CPU
     assert loaded.device.type == "cpu"
+
+
+def test_runtime_parts_on_cuda_match_the_cpu(models) -> None:
+    """Memory manager with host offload and side-stream prefetch, the monitor and cache blocks on a GPU: the tokens the
+    CPU path decodes (the prefetch copies run on their own stream and are waited for before the layer reads them)."""
+    cpu, gpu = models
+    prompts = random_prompts([8, 8, 8], 4)
+    from cache_core.memory import MemoryConfig
+    from cache_core.session import DecodingSession
+
+    probe = DecodingSession(cpu, prompts, GEN, BLOCK, STEPS, memory=MemoryConfig())
+    budget = probe.cache.store.minimum_bytes() + 2 * probe.cache.store.page_native_bytes
+    memory = {"budget_bytes": budget, "offload": True, "low_precision": "native"}
+    kw = dict(policy="dual_cache", cache_block_size=4, monitor={"sample_rate": 0.5})
+    ref = generate(cpu, prompts, GEN, BLOCK, STEPS, memory=memory, **kw)
+    for prefetch in (False, True):
+        out = generate(gpu, prompts, GEN, BLOCK, STEPS, memory={**memory, "prefetch": prefetch}, **kw)
+        assert torch.equal(out.tokens.cpu(), ref.tokens)
+        assert max(s.cache_bytes for s in out.stats.steps) <= budget

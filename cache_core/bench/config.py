@@ -5,7 +5,7 @@ ConfigStore holds them as each group's schema (`policies.config.register_configs
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import MISSING
@@ -13,6 +13,9 @@ from omegaconf import MISSING
 from cache_core import validate as v
 from cache_core.bench.taskfile import FileTask, FileTaskSettings
 from cache_core.bench.tasks import SPLITS, TASK_NAMES
+from cache_core.memory import MemoryConfig
+from cache_core.monitor import QualityMonitor
+from cache_core.partition import DynamicPartitioner, check_cache_block_size
 from cache_core.registry import check_policy_name
 from cache_core.session import REMASKING, validate_generation_args
 
@@ -60,19 +63,38 @@ class GenerationConfig:
     threshold: float | None = MISSING  # Fast-dLLM parallel decoding: commit every token with confidence >= threshold
     temperature: float = MISSING
     remasking: str = MISSING
+    # The cache runtime, each part off by default (README "Cache runtime"): generate()'s arguments of the same names.
+    # Each is the engine's own dataclass; `enabled: false` in conf/generation/*.yaml keeps it off, and the fields
+    # not named there take the class's defaults (cache_core/monitor.py, memory.py, partition.py).
+    cache_block_size: int | None = None  # cache blocks of another size: a divisor or a multiple of block_length
+    dynamic_blocks: DynamicPartitioner = field(default_factory=lambda: DynamicPartitioner(enabled=False))
+    monitor: QualityMonitor = field(default_factory=lambda: QualityMonitor(enabled=False))
+    memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(enabled=False))
 
     def __post_init__(self) -> None:
         v.choice("generation.remasking", self.remasking, REMASKING)
         try:
             validate_generation_args([[0]], self.gen_length, self.block_length, self.steps, self.threshold,
                                      self.temperature, self.remasking)
+            if self.dynamic_blocks.enabled:
+                self.dynamic_blocks.check(self.block_length)
+            if self.cache_block_size is not None:
+                check_cache_block_size(self.cache_block_size, self.block_length)
+                if self.dynamic_blocks.enabled:
+                    raise ValueError("cache_block_size and dynamic_blocks are exclusive")
         except (ValueError, TypeError) as err:
             raise ValueError(f"generation: {err}") from None
 
     def kwargs(self) -> dict[str, Any]:
-        """generate()'s keyword arguments."""
-        return dict(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
-                    threshold=self.threshold, temperature=self.temperature, remasking=self.remasking)
+        """generate()'s keyword arguments (the runtime parts only when switched on)."""
+        out = dict(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
+                   threshold=self.threshold, temperature=self.temperature, remasking=self.remasking)
+        if self.cache_block_size is not None:
+            out["cache_block_size"] = self.cache_block_size
+        for key in ("dynamic_blocks", "monitor", "memory"):
+            if getattr(self, key).enabled:
+                out[key] = getattr(self, key)
+        return out
 
 
 @dataclass
@@ -182,3 +204,29 @@ class BenchmarkConfig:
         v.numbers("benchmark.batch_sizes", self.batch_sizes, integer=True, low=1)
         for size, cap in self.examples_per_batch_size.items():
             v.number(f"benchmark.examples_per_batch_size[{size}]", cap, integer=True, low=1)
+
+
+@dataclass
+class TuneConfig:
+    """`mode=tune` (cache_core/bench/tuning.py): search the cache block size (and decoding block length)."""
+
+    policy: str = MISSING  # a registry name or an exported policy file
+    cache_block_sizes: list[int] = MISSING
+    block_lengths: list[int] = MISSING  # [] = only generation.block_length (the decoding block stays the user's)
+    max_em_loss: float = MISSING  # feasible: exact match >= no-cache's - max_em_loss
+    objective: str = MISSING  # flops | wall
+    split: str = MISSING
+    n_examples: int = MISSING
+    batch_size: int = MISSING
+    device: str = MISSING
+    output_dir: str = MISSING
+
+    def __post_init__(self) -> None:
+        check_policy_name("tune.policy", self.policy)
+        v.numbers("tune.cache_block_sizes", self.cache_block_sizes, integer=True, low=1)
+        v.numbers("tune.block_lengths", self.block_lengths, integer=True, low=1, nonempty=False)
+        v.fraction("tune.max_em_loss", self.max_em_loss, open_low=False)
+        v.choice("tune.objective", self.objective, ("flops", "wall"))
+        v.choice("tune.split", self.split, SPLITS)
+        v.number("tune.n_examples", self.n_examples, integer=True, low=1)
+        v.number("tune.batch_size", self.batch_size, integer=True, low=1)

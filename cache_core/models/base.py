@@ -183,26 +183,33 @@ class DiffusionModel(nn.Module):
                              f"{limit}: shorten the prompt or gen_length")
 
     def forward(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, return_kv: bool = False):
+                positions: torch.Tensor | None = None, return_kv: bool = False, return_hidden: bool = False):
         """Plain forward over the whole canvas.
 
         input_ids: (B, N); key_mask: (B, N) bool, False for padding (never attended to); positions: (B, N) rotary
         positions (default 0..N-1). Returns logits (B, N, vocab) in fp32, and with return_kv the per-layer
-        (keys, values) lists, each (B, n_kv_heads, N, head_dim), for oracle drift measurement.
+        (keys, values) lists, each (B, n_kv_heads, N, head_dim), for oracle drift measurement; with return_hidden
+        (needs return_kv) also the per-layer inputs (B, N, hidden), what the cache keeps (the quality monitor's repair).
         """
+        if return_hidden and not return_kv:
+            raise ValueError("return_hidden=True needs return_kv=True")
         self.check_input(input_ids)
         B, N = input_ids.shape
         if positions is None:
             positions = torch.arange(N, device=input_ids.device).expand(B, N)
         x = self.embed(input_ids)
-        keys, values = [], []
+        keys, values, hidden = [], [], []
         for layer in range(self.facts.n_layers):
+            if return_hidden:
+                hidden.append(x)
             q, k, v = self.layer_qkv(layer, x, positions)
             if return_kv:
                 keys.append(k)
                 values.append(v)
             x = self.layer_finish(layer, x, q, k, v, key_mask)
         logits = self._shift(self.output_logits(x))
+        if return_hidden:
+            return logits, keys, values, hidden
         return (logits, keys, values) if return_kv else logits
 
     def forward_partial(self, input_ids: torch.Tensor, cache: BlockKVCache, start_layer: torch.Tensor,
@@ -234,7 +241,7 @@ class DiffusionModel(nn.Module):
         first = start_layer == 0
         if bool(first.any()):
             idx, _ = active_index(first)
-            cache.hidden[0][rows, idx] = self.embed(input_ids.gather(1, idx))
+            cache.set_hidden(0, rows, idx, self.embed(input_ids.gather(1, idx)))
 
         active_counts = torch.zeros(n_layers, B, dtype=torch.long)
         adaptive_counts = torch.zeros(n_layers, B, dtype=torch.long) if adaptive is not None else None
@@ -246,6 +253,7 @@ class DiffusionModel(nn.Module):
         extra_flops = 0.0
         out = None
         for layer in range(n_layers):
+            cache.open_layer(layer)
             active = start_layer <= layer
             if adaptive is not None:
                 candidates, rho = adaptive
@@ -270,9 +278,10 @@ class DiffusionModel(nn.Module):
             cache.computed[layer][rows, idx] = True
             if layer in traced:
                 attention[layer - n_layers] = _attention_to_keys(q, cache, layer, idx, logit_positions)
-            x = self.layer_finish(layer, x, q, cache.keys[layer], cache.values[layer], cache.key_mask, real)
+            x = self.layer_finish(layer, x, q, cache.keys[layer], cache.values[layer], cache.attention_mask, real)
+            cache.close_layer(layer, idx)
             if layer + 1 < n_layers:
-                cache.hidden[layer + 1][rows, idx] = x
+                cache.set_hidden(layer + 1, rows, idx, x)
             else:
                 out = x
         # The logits' source positions are active in the last layer; find them among its active rows (idx is its).
@@ -315,7 +324,7 @@ def _attention_to_keys(q: torch.Tensor, cache: BlockKVCache, layer: int, idx: to
     if keys.shape[1] != qd.shape[1]:
         keys = keys.repeat_interleave(qd.shape[1] // keys.shape[1], dim=1)
     scores = (qd.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~cache.key_mask[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill(~cache.attention_mask[:, None, None, :], float("-inf"))
     return scores.softmax(-1).mean(dim=1).cpu()
 
 
