@@ -140,6 +140,12 @@ def blocks_settings() -> list[tuple[str, str, dict, dict]]:
     return out
 
 
+def _share(value: float | None) -> str:
+    if value is None:
+        return ""
+    return "no loss" if value != value else f"{value:.0%}"  # NaN: the policy lost no exact match to recover
+
+
 def write(points: list[Point], part: str, directory: Path, meta: dict[str, Any]) -> str:
     import matplotlib
 
@@ -160,7 +166,7 @@ def write(points: list[Point], part: str, directory: Path, meta: dict[str, Any])
     for p in points:
         table.add_row(p.policy, p.setting, f"{p.exact_match:.3f}", f"{p.agreement:.3f}", f"{p.flop_fraction:.3f}",
                       f"{p.extra['monitor_flop_fraction']:.3f}", str(p.extra["monitor_alarms"]),
-                      f"{p.extra['recovered']:.0%}" if "recovered" in p.extra else "",
+                      _share(p.extra.get("recovered")),
                       f"{p.peak_cache_bytes / 1e6:.2f}", f"{p.wall_s:.1f}")
     console = Console(width=160, record=True)
     console.print(table)
