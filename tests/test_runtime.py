@@ -4,6 +4,7 @@ where a shipped policy must run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -377,3 +378,5 @@ def test_the_runtime_study_writes_its_table_and_plot(tmp_path):
     assert points[0].flop_fraction == 1.0 and points[2].extra["monitor_flop_fraction"] > 0
     text = study.write(points, "monitor", tmp_path, {"n_examples": 2})
     assert "recovered" in text and (tmp_path / "monitor.png").stat().st_size > 0
+    written = json.loads((tmp_path / "monitor.json").read_text())["points"]
+    assert "recovered" in written[2]["extra"]  # the JSON carries the table's recovered share

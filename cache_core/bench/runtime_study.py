@@ -93,7 +93,7 @@ def recovered(points: list[Point]) -> None:
             base = p.exact_match
         elif "monitor" in p.setting and reference is not None and base is not None:
             lost = reference - base
-            p.extra["recovered"] = (p.exact_match - base) / lost if lost > 0 else float("nan")
+            p.extra["recovered"] = (p.exact_match - base) / lost if lost > 0 else None  # None: nothing was lost
 
 
 def monitor_settings() -> list[tuple[str, str, dict, dict]]:
@@ -140,10 +140,11 @@ def blocks_settings() -> list[tuple[str, str, dict, dict]]:
     return out
 
 
-def _share(value: float | None) -> str:
-    if value is None:
+def _share(extra: dict[str, Any]) -> str:
+    if "recovered" not in extra:
         return ""
-    return "no loss" if value != value else f"{value:.0%}"  # NaN: the policy lost no exact match to recover
+    value = extra["recovered"]
+    return "no loss" if value is None else f"{value:.0%}"
 
 
 def write(points: list[Point], part: str, directory: Path, meta: dict[str, Any]) -> str:
@@ -155,18 +156,18 @@ def write(points: list[Point], part: str, directory: Path, meta: dict[str, Any])
     from rich.table import Table
 
     directory.mkdir(parents=True, exist_ok=True)
+    if part == "monitor":
+        recovered(points)
     (directory / f"{part}.json").write_text(json.dumps({"meta": meta, "points": [asdict(p) for p in points]},
                                                        indent=2))
     table = Table(title=f"cache runtime: {part} ({meta['n_examples']} test prompts, batch 16)")
-    if part == "monitor":
-        recovered(points)
     for col in ("policy", "setting", "exact match", "agreement", "FLOP fraction", "monitor FLOPs", "alarms",
                 "recovered", "peak cache MB", "wall s"):
         table.add_column(col, justify="left" if col in ("policy", "setting") else "right")
     for p in points:
         table.add_row(p.policy, p.setting, f"{p.exact_match:.3f}", f"{p.agreement:.3f}", f"{p.flop_fraction:.3f}",
                       f"{p.extra['monitor_flop_fraction']:.3f}", str(p.extra["monitor_alarms"]),
-                      _share(p.extra.get("recovered")),
+                      _share(p.extra),
                       f"{p.peak_cache_bytes / 1e6:.2f}", f"{p.wall_s:.1f}")
     console = Console(width=160, record=True)
     console.print(table)
