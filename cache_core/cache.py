@@ -199,6 +199,19 @@ class BlockKVCache:
         resident = torch.tensor([t != "evicted" for t in store.tier], device=self.key_mask.device)
         self.resident = resident.repeat_interleave(P)[None, :] & self.key_mask
 
+    def drift_from(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """(r, n_blocks, n_layers) relative L2 drift of the cached K/V (max of keys and values) from fresh per-layer
+        `keys`/`values` (r, heads, N, hd) of the batch rows `rows` (all rows by default), over valid positions."""
+        rows = slice(None) if rows is None else rows
+        mask, per_layer = self.key_mask[rows], []
+        for layer in range(len(keys)):
+            self.open_layer(layer)
+            per_layer.append(torch.maximum(_block_drift(self.keys[layer][rows], keys[layer], mask, self.partition),
+                                           _block_drift(self.values[layer][rows], values[layer], mask, self.partition)))
+            self.close_layer(layer, None)
+        return torch.stack(per_layer, dim=-1)
+
     def host_bytes(self) -> int:
         """Bytes of blocks offloaded to host memory by the memory manager (0 without one)."""
         return self.store.host_bytes() if self.store is not None else 0
@@ -212,3 +225,12 @@ class BlockKVCache:
 
     def block_slice(self, block: int) -> slice:
         return self.partition.slice(block)
+
+
+def _block_drift(cached: torch.Tensor, fresh: torch.Tensor, key_mask: torch.Tensor, partition: BlockPartition
+                 ) -> torch.Tensor:
+    """||cached - fresh|| / ||fresh|| per block over valid positions: (B, n_blocks). Inputs (B, heads, N, hd)."""
+    valid = key_mask[:, None, :, None].float()
+    diff = partition.sum(((cached.float() - fresh.float()) * valid).pow(2).sum((1, 3)))
+    ref = partition.sum((fresh.float() * valid).pow(2).sum((1, 3)))
+    return (diff / ref.clamp(min=1e-12)).sqrt()

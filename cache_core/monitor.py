@@ -83,8 +83,6 @@ class QualityMonitor:
         """Check the step's logits (B, block_length, vocab) against a full forward; repair alarmed rows.
 
         Returns the logits to commit from, the (B, N) positions whose cache entries were repaired, and a report."""
-        from cache_core.session import block_drift  # the session imports this module
-
         model, cache = session.model, session.cache
         rows = self.rows(session.batch_size).to(session.canvas.device)
         with torch.inference_mode():
@@ -111,14 +109,8 @@ class QualityMonitor:
             out = logits.clone()
             alarmed = rows[alarm]
             out[alarmed] = fresh[alarm].to(out.dtype)
-            mask, part = cache.key_mask[rows], cache.partition
-            drift = []
-            for layer in range(len(keys)):
-                cache.open_layer(layer)
-                drift.append(block_drift(cache.keys[layer][rows], keys[layer], mask, part)
-                             .maximum(block_drift(cache.values[layer][rows], values[layer], mask, part)))
-                cache.close_layer(layer, None)
-            blocks = (torch.stack(drift, -1).amax(-1) > self.drift_threshold) & alarm[:, None]  # (r, n_blocks)
+            drift = cache.drift_from(keys, values, rows).amax(-1)  # (r, n_blocks), the worst layer
+            blocks = (drift > self.drift_threshold) & alarm[:, None]
             where = cache.partition.expand(blocks) & cache.resident[rows]
             repaired[rows] = where
             if bool(where.any()):

@@ -217,14 +217,7 @@ class DecodingSession:
             with torch.inference_mode():
                 logits, keys, values = self.model(self.canvas, self.cache.key_mask, self.cache.positions,
                                                   return_kv=True)
-            cache, per_layer = self.cache, []
-            for layer in range(self.n_layers):
-                cache.open_layer(layer)
-                per_layer.append(torch.maximum(
-                    block_drift(cache.keys[layer], keys[layer], cache.key_mask, cache.partition),
-                    block_drift(cache.values[layer], values[layer], cache.key_mask, cache.partition)))
-                cache.close_layer(layer, None)
-            drift = torch.stack(per_layer, dim=-1)
+            drift = self.cache.drift_from(keys, values)
             never = ~torch.stack(self.cache.computed, -1) & self.cache.key_mask[..., None]  # (B, N, L)
             drift = torch.where(self.cache.partition.any(never), float("inf"), drift)
             pos = self.block_positions()
@@ -360,15 +353,6 @@ class DecodingSession:
         stable = committed & (self.refresh_drift <= dyn.merge_below)
         diverging = self.refresh_drift > dyn.split_above
         self.cache.set_partition(dyn.partition(stable, diverging, self.prompt_region, self.block_length))
-
-
-def block_drift(cached: torch.Tensor, fresh: torch.Tensor, key_mask: torch.Tensor, partition: BlockPartition
-                ) -> torch.Tensor:
-    """||cached - fresh|| / ||fresh|| per block over valid positions: (B, n_blocks). Inputs (B, heads, N, hd)."""
-    valid = key_mask[:, None, :, None].float()
-    diff = partition.sum(((cached.float() - fresh.float()) * valid).pow(2).sum((1, 3)))
-    ref = partition.sum((fresh.float() * valid).pow(2).sum((1, 3)))
-    return (diff / ref.clamp(min=1e-12)).sqrt()
 
 
 def validate_generation_args(prompts, gen_length: int, block_length: int, steps: int | None,

@@ -44,9 +44,8 @@ def candidates(block_lengths: list[int], cache_block_sizes: list[int], gen_lengt
     """The (block_length, cache_block_size) pairs that fit, and a reason for each one that does not."""
     fit, skipped = [], []
     for bl in block_lengths:
-        try:
-            s = None if steps is None else steps
-            validate_generation_args([[0]], gen_length, bl, s, None if steps is not None else 0.9, 0.0,
+        try:  # with threshold decoding (steps None) any threshold checks the same block layout
+            validate_generation_args([[0]], gen_length, bl, steps, None if steps is not None else 1.0, 0.0,
                                      "low_confidence")
         except ValueError as err:
             skipped.append(f"block_length={bl}: {err}")
