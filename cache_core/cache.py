@@ -35,12 +35,16 @@ class RefreshPlan:
         dKV-Cache).
     adaptive: optional (candidates (B, N) bool, rho): dLLM-Cache's per-layer value-similarity refresh of the rho
         fraction least similar candidates.
+    layer_mask: optional (B, n_blocks, n_layers) bool, True = recompute the block in that layer; replaces
+        start_layer's "layers >= start" where a rule is per layer (the image caches' step-level routers:
+        Learning-to-Cache, DeepCache). Only the image cache reads it; the text cache refuses it.
     The cache adds the positions the step must compute whatever the plan says (see BlockKVCache.start_layers).
     """
 
     start_layer: torch.Tensor
     refresh_positions: torch.Tensor | None = None
     adaptive: tuple[torch.Tensor, float] | None = None
+    layer_mask: torch.Tensor | None = None
 
     @classmethod
     def refresh_all(cls, batch_size: int, n_blocks: int) -> RefreshPlan:
@@ -65,6 +69,9 @@ class RefreshPlan:
             raise ValueError(f"RefreshPlan.start_layer values must lie in [0, n_layers={n_layers}]")
         if self.refresh_positions is not None and tuple(self.refresh_positions.shape) != (batch_size, canvas_length):
             raise ValueError(f"RefreshPlan.refresh_positions must have shape ({batch_size}, {canvas_length})")
+        if self.layer_mask is not None:
+            raise ValueError("RefreshPlan.layer_mask (per-layer plans) is an image-cache option; a text plan says "
+                             "per block from which layer to recompute (start_layer)")
         if self.adaptive is not None:
             candidates, rho = self.adaptive
             if tuple(candidates.shape) != (batch_size, canvas_length) or not 0.0 <= rho <= 1.0:

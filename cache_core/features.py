@@ -1,17 +1,25 @@
-"""The one feature schema: per-block stability features plus global step features, versioned.
+"""Feature schemas: per-block stability features plus global step features, versioned, one schema per model family.
 
-Computed once per step, here and nowhere else, from the decoding session's state: each column is one entry of
-BLOCK_COLUMNS / GLOBAL_COLUMNS (name, meaning, range and its computation), and the schema id is derived from them.
-The environment's observation and a learned policy's input are these very tensors; a policy file records
-`SCHEMA_ID` and is refused under another. Every column is normalised into the range it declares, so one network
-serves canvases of any length.
+A `FeatureSchema` is an ordered list of block and global columns (name, meaning, declared range) plus the role columns
+the learning pipeline reads (the always-recomputed block, real vs padding blocks, the budget, attention mass); its id
+is derived from the columns. Schemas are registered by id (`register_schema`, `schema_by_id`): shards, policy files
+and checkpoints record the id, and readers look the schema up from it. The text family's schema, `TEXT_SCHEMA`, is
+computed once per step, here and nowhere else, from the decoding session's state: each column is one entry of
+BLOCK_COLUMNS / GLOBAL_COLUMNS (name, meaning, range and its computation). Another family (e.g. `cache_core.image`)
+defines and registers its own schema when its package is imported, and its sessions compute its features.
+
+The environment's observation and a learned policy's input are these very tensors; a policy file records its schema
+id and is refused under another. Every column is normalised into the range it declares, so one network serves
+canvases of any length. The module constants (SCHEMA_ID, N_BLOCK_FEATURES, BLOCK_FEATURE_NAMES, ...) are the text
+schema's, kept for existing imports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -112,23 +120,158 @@ GLOBAL_COLUMNS: tuple[Column, ...] = (
            "monitor's alarms)", 0.0, 1.0,
            lambda v: v.s.effective_budget(v.budget)),
 )
-BLOCK_FEATURE_NAMES = tuple(c.name for c in BLOCK_COLUMNS)
-GLOBAL_FEATURE_NAMES = tuple(c.name for c in GLOBAL_COLUMNS)
-N_BLOCK_FEATURES = len(BLOCK_COLUMNS)
-N_GLOBAL_FEATURES = len(GLOBAL_COLUMNS)
-SCHEMA_ID = f"v{SCHEMA_VERSION}:" + ",".join(BLOCK_FEATURE_NAMES) + "|" + ",".join(GLOBAL_FEATURE_NAMES)
+@dataclass(frozen=True)
+class FeatureSchema:
+    """One model family's feature schema: the policy input is `block_columns` per block, then `global_columns`
+    broadcast to every block. Role columns (by name): `forced` (block; 1 where the cache recomputes the block whatever
+    the plan, so it carries no loss and no action), `valid` (block; > 0 on real, non-padding blocks), `budget`
+    (global; the compute budget a budget-conditioned policy reads), `attention` (block; attention mass, for label
+    weighting; None when the family has none), `relative` (block; the block's relative position, None if none).
+    `id` is `<id_prefix>v<version>:<block names>|<global names>`: the text schema's prefix is empty, so its id is the
+    SCHEMA_ID that shipped files record; other families take a prefix (e.g. "dit-")."""
+
+    family: str
+    version: int
+    block_columns: tuple[Column, ...]
+    global_columns: tuple[Column, ...]
+    forced: str
+    valid: str
+    budget: str
+    attention: str | None = None
+    relative: str | None = None
+    id_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        for kind, names in (("block", self.block_names), ("global", self.global_names)):
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"feature schema {self.family!r}: its {kind} columns must be non-empty and distinct, "
+                                 f"got {list(names)}")
+        roles = {"forced": self.forced, "valid": self.valid, "attention": self.attention, "relative": self.relative}
+        for role, name in roles.items():
+            if name is not None and name not in self.block_names:
+                raise ValueError(f"feature schema {self.family!r}: {role}={name!r} is not one of its block columns "
+                                 f"{list(self.block_names)}")
+        if self.budget not in self.global_names:
+            raise ValueError(f"feature schema {self.family!r}: budget={self.budget!r} is not one of its global "
+                             f"columns {list(self.global_names)}")
+
+    @cached_property
+    def id(self) -> str:  # cached: LearnedPolicy compares it at every step
+        return (f"{self.id_prefix}v{self.version}:" + ",".join(self.block_names) + "|"
+                + ",".join(self.global_names))
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.block_columns)
+
+    @property
+    def global_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.global_columns)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The policy input's columns: block columns, then global columns."""
+        return (*self.block_names, *self.global_names)
+
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        """The policy input's columns as Column entries (names, declared ranges), in input order."""
+        return (*self.block_columns, *self.global_columns)
+
+    @property
+    def n_block(self) -> int:
+        return len(self.block_columns)
+
+    @property
+    def n_global(self) -> int:
+        return len(self.global_columns)
+
+    @property
+    def n_features(self) -> int:
+        """Width of the policy input: n_block + n_global."""
+        return self.n_block + self.n_global
+
+    def _index(self, names: tuple[str, ...], name: str, kind: str) -> int:
+        if name not in names:
+            raise ValueError(f"{name!r} is not a {kind} column of feature schema {self.id!r}; its {kind} columns: "
+                             f"{list(names)}")
+        return names.index(name)
+
+    def block_index(self, name: str) -> int:
+        """Index of a block column in `StepFeatures.blocks` (and in the policy input)."""
+        return self._index(self.block_names, name, "block")
+
+    def global_index(self, name: str) -> int:
+        """Index of a global column in `StepFeatures.global_`."""
+        return self._index(self.global_names, name, "global")
+
+    def input_index(self, name: str) -> int:
+        """Index of a column in the policy input (block columns, then global columns)."""
+        return self._index(self.names, name, "policy-input")
+
+    def table(self) -> str:
+        """The schema as a Markdown table (README and `python -m cache_core`)."""
+        header = ["| kind | name | range | meaning |", "|---|---|---|---|"]
+        lines = [f"Feature schema `{self.id.split(':')[0]}`", "", *header]
+        for kind, cols in (("block", self.block_columns), ("global", self.global_columns)):
+            lines += [f"| {kind} | {c.name} | [{c.low:g}, {c.high:g}] | {c.meaning} |" for c in cols]
+        return "\n".join(lines)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Columns hold lambdas, which pickle cannot carry: a registered schema travels to Ray / subprocess workers as
+        # its id and is looked up there (the worker imports the family's package as this process did).
+        if SCHEMAS.get(self.id) == self:
+            return schema_by_id, (self.id,)
+        return super().__reduce_ex__(protocol)
+
+
+SCHEMAS: dict[str, FeatureSchema] = {}  # id -> schema: every schema shards, policies and checkpoints may record
+
+
+def register_schema(schema: FeatureSchema) -> FeatureSchema:
+    """Make `schema` known to every reader (shards, policy files, checkpoints) by its id; returns it. A family's
+    package registers its schema when imported. Registering an equal schema again is a no-op."""
+    existing = SCHEMAS.get(schema.id)
+    if existing is not None and existing != schema:
+        raise ValueError(f"feature schema {schema.id!r} is already registered with other column meanings or ranges; "
+                         "a changed schema needs a new version (FeatureSchema.version)")
+    SCHEMAS[schema.id] = schema
+    return schema
+
+
+def schema_by_id(schema_id: Any) -> FeatureSchema:
+    """The registered schema of this id; a ValueError naming the id and the known ones otherwise."""
+    if isinstance(schema_id, str) and schema_id in SCHEMAS:
+        return SCHEMAS[schema_id]
+    raise ValueError(f"unknown feature schema {schema_id!r}; known schemas: {sorted(SCHEMAS)} (a model family's "
+                     "schema is registered when its package is imported, e.g. `import cache_core.image`)")
+
+
+TEXT_SCHEMA = register_schema(FeatureSchema(
+    family="text", version=SCHEMA_VERSION, block_columns=BLOCK_COLUMNS, global_columns=GLOBAL_COLUMNS,
+    forced="is_decoding", valid="valid_fraction", budget="budget", attention="attention_mass",
+    relative="relative_position",
+))
+# The text schema's values, for existing imports (code that knows its data's schema reads that schema instead).
+BLOCK_FEATURE_NAMES = TEXT_SCHEMA.block_names
+GLOBAL_FEATURE_NAMES = TEXT_SCHEMA.global_names
+N_BLOCK_FEATURES = TEXT_SCHEMA.n_block
+N_GLOBAL_FEATURES = TEXT_SCHEMA.n_global
+SCHEMA_ID = TEXT_SCHEMA.id
 
 
 @dataclass
 class StepFeatures:
-    """blocks: (B, n_blocks, N_BLOCK_FEATURES); global_: (B, N_GLOBAL_FEATURES)."""
+    """blocks: (B, n_blocks, schema.n_block); global_: (B, schema.n_global); schema: the columns' meaning (the text
+    schema unless a family's session says otherwise)."""
 
     blocks: torch.Tensor
     global_: torch.Tensor
+    schema: FeatureSchema = TEXT_SCHEMA
 
     def column(self, name: str) -> torch.Tensor:
         """One block column by name: (B, n_blocks)."""
-        return self.blocks[..., BLOCK_FEATURE_NAMES.index(name)]
+        return self.blocks[..., self.schema.block_index(name)]
 
     def policy_input(self) -> torch.Tensor:
         """Block features with the global features broadcast to every block: (B, n_blocks, F_block + F_global)."""
@@ -142,17 +285,13 @@ def policy_input(blocks: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
 
 
 def schema_table() -> str:
-    """The schema as a Markdown table (README and `python -m cache_core`)."""
-    header = ["| kind | name | range | meaning |", "|---|---|---|---|"]
-    lines = [f"Feature schema `{SCHEMA_ID.split(':')[0]}`", "", *header]
-    for kind, cols in (("block", BLOCK_COLUMNS), ("global", GLOBAL_COLUMNS)):
-        lines += [f"| {kind} | {c.name} | [{c.low:g}, {c.high:g}] | {c.meaning} |" for c in cols]
-    return "\n".join(lines)
+    """The text schema as a Markdown table (README and `python -m cache_core`)."""
+    return TEXT_SCHEMA.table()
 
 
 def compute_features(session: DecodingSession, budget: float | None = None) -> StepFeatures:
-    """The step's features from the session's state before the step runs: every column of the schema, in order."""
+    """The step's text-schema features from the session's state before the step runs: every column, in order."""
     view = _View(session, budget)
-    block_features = torch.stack([c.compute(view) for c in BLOCK_COLUMNS], dim=-1)
-    global_features = torch.stack([c.compute(view) for c in GLOBAL_COLUMNS], dim=-1)
-    return StepFeatures(block_features.float(), global_features.float())
+    block_features = torch.stack([c.compute(view) for c in TEXT_SCHEMA.block_columns], dim=-1)
+    global_features = torch.stack([c.compute(view) for c in TEXT_SCHEMA.global_columns], dim=-1)
+    return StepFeatures(block_features.float(), global_features.float(), TEXT_SCHEMA)

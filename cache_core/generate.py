@@ -45,6 +45,9 @@ def generate(model: DiffusionModel, prompts: list[list[int]] | list[torch.Tensor
     host offload with prefetch.
     """
     policy = make_policy(policy, **policy_knobs)
+    if "text" not in policy.modalities:
+        raise ValueError(f"policy {policy.describe()['policy']!r} is an image-cache rule (for DiT models, "
+                         "cache_core.image.sample_images) and does not run on a diffusion LM's KV cache")
     if budget is None:  # a budget-conditioned policy runs at the budget its manifest names, not at budget 1
         budget = policy.default_budget
     if budget is not None and not 0.0 < budget <= 1.0:

@@ -26,6 +26,7 @@ class FullRecompute(ReusePolicy):
 
     name = "full"
     uses_features = False
+    modalities = ("text", "image")
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
         return RefreshPlan.refresh_all(ctx.batch_size, ctx.n_blocks)
@@ -38,6 +39,7 @@ class NeverRefresh(ReusePolicy):
 
     name = "never"
     uses_features = False
+    modalities = ("text", "image")
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
         return RefreshPlan.reuse_all(ctx.batch_size, ctx.n_blocks, ctx.n_layers)

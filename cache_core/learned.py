@@ -3,14 +3,16 @@
 No Lightning, no Stable-Baselines3, no pickle: the exported network maps the feature schema's policy input
 (B, n_blocks, F_block + F_global) to per-block scores, and the manifest says how to read them:
 
-    {"format": "blockreuse-policy", "format_version": 1, "schema_id": cache_core.features.SCHEMA_ID,
+    {"format": "blockreuse-policy", "format_version": 1, "schema_id": <a registered FeatureSchema's id>,
      "action_mode": "binary" | "depth", "n_layers": L, "output": "refresh_logit" | "action_logits",
      "threshold": 0.5, "budget_conditioned": false, "source": {...}, "metrics": {...}}
 
 - output `refresh_logit`: (B, n_blocks) logits; a block is refreshed (all layers) when sigmoid(logit) >= threshold.
 - output `action_logits`: (B, n_blocks, A); the argmax action is read by `cache_core.actions`, as the environment
   reads its actions: binary (A = 2): 1 = refresh; depth (A = L + 1): 0 = reuse, j = refresh from layer L - j.
-A file built for another feature schema, action mode or layer count is refused with a message naming both sides.
+A file built for another feature schema, action mode or layer count is refused with a message naming both sides: the
+manifest's schema must be registered (`cache_core.features.schema_by_id`), and `plan` refuses features of another
+schema (a policy trained on one model family does not serve another).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from cache_core import validate as v
 from cache_core.actions import ACTION_MODES, OUTPUTS, n_actions, plan_from_output
 from cache_core.cache import RefreshPlan
-from cache_core.features import BLOCK_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID, StepFeatures
+from cache_core.features import SCHEMAS, StepFeatures, schema_by_id
 from cache_core.policy import ReusePolicy, StepContext
 
 POLICY_FORMAT = "blockreuse-policy"
@@ -61,10 +63,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{mpath}: policy format version {manifest.get('format_version')} is not supported "
             f"(this blockreuse reads version {POLICY_FORMAT_VERSION}); re-export the policy"
         )
-    if manifest.get("schema_id") != SCHEMA_ID:
+    if manifest.get("schema_id") not in SCHEMAS:
         raise PolicyFileError(
-            f"{mpath}: the policy was trained on feature schema {manifest.get('schema_id')!r} but this blockreuse "
-            f"computes {SCHEMA_ID!r}; retrain (collect + supervised/rl) and re-export it with this version"
+            f"{mpath}: the policy was trained on feature schema {manifest.get('schema_id')!r}, which this blockreuse "
+            f"does not know (known schemas: {sorted(SCHEMAS)}; a model family's schema is registered when its package "
+            "is imported, e.g. `import cache_core.image`); retrain (collect + supervised/rl) and re-export it with "
+            "this version"
         )
     if manifest.get("action_mode") not in ACTION_MODES or manifest.get("output") not in OUTPUTS:
         raise PolicyFileError(f"{mpath}: action_mode must be one of {ACTION_MODES} and output one of {OUTPUTS}")
@@ -92,6 +96,7 @@ class LearnedPolicy(ReusePolicy):
 
     name = "learned"
     uses_features = True
+    modalities = ("text", "image")  # either family's engine may run it; `plan` refuses features of another schema
     knob = "refresh_threshold"
     knob_sweep = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -109,6 +114,7 @@ class LearnedPolicy(ReusePolicy):
         except Exception as err:  # onnxruntime raises its own exception types for corrupt graphs
             raise PolicyFileError(f"{onnx_path}: cannot load the ONNX graph ({err}); the file is corrupt") from err
         self.manifest = manifest
+        self.schema = schema_by_id(manifest["schema_id"])
         self.path = str(onnx_path)
         self.action_mode = manifest["action_mode"]
         self.output = manifest["output"]
@@ -125,8 +131,11 @@ class LearnedPolicy(ReusePolicy):
     def _check_graph(self) -> None:
         """Run the graph once on a dummy input of the schema's width: a manifest that does not fit its graph (another
         output, action mode or input width) is refused here, not at the first generation step."""
-        x = np.zeros((1, 3, N_BLOCK_FEATURES + N_GLOBAL_FEATURES), np.float32)
-        x[..., BLOCK_FEATURE_NAMES.index("valid_fraction")] = 1.0
+        # 0 clipped into each column's declared range, every block real.
+        cols = self.schema.columns
+        x = np.broadcast_to(np.clip(0.0, [c.low for c in cols], [c.high for c in cols]).astype(np.float32),
+                            (1, 3, len(cols))).copy()
+        x[..., self.schema.block_index(self.schema.valid)] = 1.0
         try:
             out = self.session.run(None, {self.input_name: x})[0]
         except Exception as err:  # onnxruntime's own error types: wrong input width or name
@@ -150,6 +159,12 @@ class LearnedPolicy(ReusePolicy):
         return out
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        if features.schema is not self.schema and features.schema.id != self.schema.id:
+            raise PolicyFileError(
+                f"{self.path}: the policy was trained on feature schema {self.schema.id!r} ({self.schema.family} "
+                f"family), but this step's features have schema {features.schema.id!r} ({features.schema.family} "
+                f"family); retrain and re-export a policy for the {features.schema.family} model family"
+            )
         if self.action_mode == "depth" and int(self.manifest.get("n_layers", -1)) != ctx.n_layers:
             raise PolicyFileError(
                 f"{self.path}: depth policy exported for n_layers={self.manifest.get('n_layers')} but the model has "

@@ -21,6 +21,7 @@ class OraclePolicy(ReusePolicy):
 
     name = "oracle"
     uses_features = False
+    modalities = ("text", "image")
     knob = "epsilon"
     knob_sweep = (0.01, 0.03, 0.1, 0.3)
 

@@ -99,6 +99,10 @@ class ReusePolicy:
     # for any other. default_budget: the budget generate() uses when given none.
     budget_conditioned: bool = False
     default_budget: float | None = None
+    # The model families' caches the rule runs on: "text" (masked-diffusion LMs, `generate`) and/or "image" (DiT,
+    # `cache_core.image.sample_images`). Rules that only read the plan interface (full, never, the oracle, learned
+    # policies of the matching schema) run on both.
+    modalities: tuple[str, ...] = ("text",)
 
     def reset(self, batch_size: int) -> None:
         """Called at the start of every generation."""

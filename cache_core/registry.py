@@ -27,6 +27,7 @@ def register_policy(cls: type[ReusePolicy]) -> type[ReusePolicy]:
 def policy_registry() -> dict[str, type[ReusePolicy]]:
     """Name -> class of every registered policy (the oracle last)."""
     from cache_core import heuristics, oracle  # noqa: F401  (their classes register on import)
+    from cache_core.image import heuristics as image_heuristics  # noqa: F401
 
     return dict(sorted(_REGISTRY.items(), key=lambda kv: kv[0] == "oracle"))
 

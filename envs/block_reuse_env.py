@@ -11,10 +11,12 @@ class (spaces, episodes, the action codec `cache_core.actions` between actions a
     gym.make("blockreuse/BlockReuse-v0", model_path=DIR, action_mode="depth", budget=[0.1, 0.6])
 
 Observation (`spaces.Dict`, fixed shapes):
-    blocks      (max_blocks, N_BLOCK_FEATURES) float32   `StepFeatures.blocks` of the session, padded rows zero
+    blocks      (max_blocks, n_block) float32            `StepFeatures.blocks` of the session, padded rows zero
     block_mask  (max_blocks,) int8 (MultiBinary)         1 for the episode's real blocks, 0 for padding
-    global      (N_GLOBAL_FEATURES,) float32             `StepFeatures.global_` (progress, decoding block, step in
+    global      (n_global,) float32                      `StepFeatures.global_` (progress, decoding block, step in
                                                          block, compute spent so far, budget)
+    n_block, n_global and the columns' bounds are those of the env's feature schema, `env.schema` (TEXT_SCHEMA here;
+    an env of another model family sets its own), which collection records in the shards' manifest.
     max_blocks = (max_prompt_length + gen_length) / block_length. Blocks are *left*-padded, like the session
     left-pads prompts: the episode's blocks occupy the last rows, so generation block i is always row
     max_blocks - gen_length / block_length + i whatever the prompt length.
@@ -52,7 +54,7 @@ from gymnasium import spaces
 
 from cache_core import actions as codec
 from cache_core.cache import RefreshPlan
-from cache_core.features import BLOCK_COLUMNS, GLOBAL_COLUMNS, N_BLOCK_FEATURES, StepFeatures
+from cache_core.features import TEXT_SCHEMA, FeatureSchema, StepFeatures
 from cache_core.models import DiffusionModel
 from cache_core.policy import ReusePolicy, StepContext, decide
 from cache_core.session import DecodingSession, ShadowForward
@@ -73,6 +75,7 @@ class BlockReuseEnv(gym.Env):
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    schema: FeatureSchema = TEXT_SCHEMA  # the observation's columns; a subclass for another model family overrides it
 
     def __init__(self, model: DiffusionModel | None = None, prompts: PromptSet | Sequence[Any] | None = None, *,
                  tokenizer: Any | None = None, config: EnvConfig | None = None, render_mode: str | None = None,
@@ -110,12 +113,13 @@ class BlockReuseEnv(gym.Env):
         self.timings = _zero_timings()
 
     def _build_spaces(self) -> None:
-        block_low = np.array([c.low for c in BLOCK_COLUMNS], np.float32)
-        block_high = np.array([c.high for c in BLOCK_COLUMNS], np.float32)
-        self._block_low = np.broadcast_to(block_low, (self.max_blocks, N_BLOCK_FEATURES)).copy()
-        self._block_high = np.broadcast_to(block_high, (self.max_blocks, N_BLOCK_FEATURES)).copy()
-        self._global_low = np.array([c.low for c in GLOBAL_COLUMNS], np.float32)
-        self._global_high = np.array([c.high for c in GLOBAL_COLUMNS], np.float32)
+        schema = self.schema
+        block_low = np.array([c.low for c in schema.block_columns], np.float32)
+        block_high = np.array([c.high for c in schema.block_columns], np.float32)
+        self._block_low = np.broadcast_to(block_low, (self.max_blocks, schema.n_block)).copy()
+        self._block_high = np.broadcast_to(block_high, (self.max_blocks, schema.n_block)).copy()
+        self._global_low = np.array([c.low for c in schema.global_columns], np.float32)
+        self._global_high = np.array([c.high for c in schema.global_columns], np.float32)
         self.observation_space = spaces.Dict({
             "blocks": spaces.Box(self._block_low, self._block_high, dtype=np.float32),
             "block_mask": spaces.MultiBinary(self.max_blocks),
@@ -301,7 +305,7 @@ class BlockReuseEnv(gym.Env):
         t0 = time.perf_counter()
         f = self.session.features(self.budget)
         self.features_ = f
-        blocks = np.zeros((self.max_blocks, N_BLOCK_FEATURES), np.float32)
+        blocks = np.zeros((self.max_blocks, self.schema.n_block), np.float32)
         blocks[self._offset:] = f.blocks[0].detach().cpu().numpy()
         np.clip(blocks, self._block_low, self._block_high, out=blocks)  # float rounding only: columns are in range
         mask = np.zeros(self.max_blocks, np.int8)

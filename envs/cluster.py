@@ -209,7 +209,7 @@ class CollectWorker:
             summaries.append(summary)
         played = time.perf_counter()
         name = SHARD_PATTERN.format(shard_index)
-        n = write_shard(self.directory / name, buffer)
+        n = write_shard(self.directory / name, buffer, schema_id=self.env.schema.id)
         return {"file": name, "rows": n, "summaries": summaries, "play_seconds": played - started,
                 "shadow_seconds": self.env.timings["shadow_s"] - shadow,
                 "write_seconds": time.perf_counter() - played, "node": ray.util.get_node_ip_address()}

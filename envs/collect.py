@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from cache_core.actions import n_actions
-from cache_core.features import BLOCK_FEATURE_NAMES, GLOBAL_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES
 from cache_core.policy import ReusePolicy
 from cache_core.registry import make_policy
 from envs.block_reuse_env import BlockReuseEnv
 from envs.config import BehaviourConfig, CollectConfig
+from envs.factory import make_env
 from envs.shards import SHARD_FORMAT_VERSION, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,14 @@ class BehaviourPolicy:
 
 
 def collection_header(env: BlockReuseEnv, settings: CollectConfig, behaviour: BehaviourPolicy) -> dict[str, Any]:
-    """What a collection is (the manifest's keys besides its counts): the same on every backend."""
+    """What a collection is (the manifest's keys besides its counts): the same on every backend. The feature schema
+    is the env's (`env.schema`)."""
+    schema = env.schema
     return {
-        "n_layers": env.n_layers, "max_blocks": env.max_blocks, "n_block_features": N_BLOCK_FEATURES,
-        "n_global_features": N_GLOBAL_FEATURES, "block_feature_names": list(BLOCK_FEATURE_NAMES),
-        "global_feature_names": list(GLOBAL_FEATURE_NAMES), "action_mode": env.action_mode,
+        "schema_id": schema.id, "n_layers": env.n_layers, "max_blocks": env.max_blocks,
+        "n_block_features": schema.n_block, "n_global_features": schema.n_global,
+        "block_feature_names": list(schema.block_names), "global_feature_names": list(schema.global_names),
+        "action_mode": env.action_mode,
         "split": env.prompts.split, "behaviour": {**asdict(settings.behaviour), **behaviour.describe()},
         "env": env.describe(), "seed": settings.seed,
     }
@@ -238,7 +241,7 @@ def run(cfg: Any) -> dict[str, Any]:
 
             result = collect_ray(env_config.settings(), c, cfg.ray, run)
         else:
-            env = BlockReuseEnv(config=env_config)
+            env = make_env(config=env_config)  # the text or the image env, by the env group's schema
             try:
                 result = collect(env, c, run)
             finally:

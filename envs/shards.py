@@ -29,13 +29,15 @@ reward and divergence of the step). Tensors of a shard with S rows (B = max_bloc
     random_action  (S,)        bool      the step's action was the behaviour's random action, not the policy's
 
 Each shard's safetensors metadata repeats `format_version` and `schema_id`. manifest.json keys: format_version,
-schema_id (`cache_core.features.SCHEMA_ID`), n_layers, max_blocks, n_block_features, n_global_features,
-block_feature_names, global_feature_names, action_mode, split, episodes, rows, shards ([{file, rows}]), behaviour
-(the behaviour policy config and its component list), env (the environment's settings), episode_summary (per
-episode: prompt, behaviour, knob, steps, flop fraction, exact match, agreement), complete, created.
+schema_id (the collecting env's `FeatureSchema.id`; text: `cache_core.features.SCHEMA_ID`), n_layers, max_blocks,
+n_block_features, n_global_features, block_feature_names, global_feature_names, action_mode, split, episodes, rows,
+shards ([{file, rows}]), behaviour (the behaviour policy config and its component list), env (the environment's
+settings), episode_summary (per episode: prompt, behaviour, knob, steps, flop fraction, exact match, agreement),
+complete, created.
 
-`load_shards(directory)` checks the format version and the feature schema and refuses data of another version or
-schema (features are not comparable across schemas: re-collect).
+`load_shards(directory)` checks the format version and the feature schema and refuses data of another version or of
+a schema that is not registered (`cache_core.features.schema_by_id`), or shards whose schema differs from the
+manifest's (features are not comparable across schemas: re-collect); widths come from the manifest's schema.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID
+from cache_core.features import SCHEMA_ID, SCHEMAS, FeatureSchema, schema_by_id
 from cache_core.validate import read_json_object
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class ShardFormatError(ValueError):
 
 class ShardWriter:
     """Buffers rows and writes whole episodes as shards, keeping manifest.json up to date (atomically) after each.
+    The manifest's `schema_id` (default: the text schema's) is recorded in it and in every shard.
 
     A shard is written once `shard_size` rows or `flush_episodes` episodes are buffered, always at an episode's end,
     so the manifest's episode count is what is on disk and a killed collection loses at most the episodes since the
@@ -108,6 +111,8 @@ class ShardWriter:
             raise ValueError(f"flush_episodes must be >= 1 or None, got {flush_episodes}")
         self.directory = Path(directory)
         self.shard_size, self.flush_episodes = int(shard_size), flush_episodes
+        manifest = {"schema_id": SCHEMA_ID, **manifest}
+        self.schema_id = _schema(manifest["schema_id"], self.directory).id
         self._buffer: dict[str, list[Any]] = {k: [] for k in COLUMNS}
         self._buffered_episodes: list[dict[str, Any]] = []
         existing = self.directory / MANIFEST_FILE
@@ -140,7 +145,7 @@ class ShardWriter:
             existing.unlink()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.manifest = {
-            "format_version": SHARD_FORMAT_VERSION, "schema_id": SCHEMA_ID, **manifest,
+            "format_version": SHARD_FORMAT_VERSION, **manifest,
             "episodes": 0, "rows": 0, "shards": [], "episode_summary": [], "complete": False,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -174,7 +179,7 @@ class ShardWriter:
         if n == 0:
             return
         name = SHARD_PATTERN.format(len(self.manifest["shards"]))
-        write_shard(self.directory / name, self._buffer, kept=self.manifest["episodes"])
+        write_shard(self.directory / name, self._buffer, kept=self.manifest["episodes"], schema_id=self.schema_id)
         self.add_shard(name, n, self._buffered_episodes)
         self._buffer = {k: [] for k in COLUMNS}
         self._buffered_episodes = []
@@ -220,8 +225,9 @@ class ShardWriter:
         tmp.replace(self.directory / MANIFEST_FILE)
 
 
-def write_shard(path: Path, rows: dict[str, list[Any]], kept: int | None = None) -> int:
-    """Write buffered rows ({column: one value per row}) as the shard file `path`; returns its row count.
+def write_shard(path: Path, rows: dict[str, list[Any]], kept: int | None = None, schema_id: str = SCHEMA_ID) -> int:
+    """Write buffered rows ({column: one value per row}) as the shard file `path`, recording `schema_id` (the
+    collection's feature schema); returns its row count.
 
     Atomic (a temporary file renamed over `path`), so a kill or a full disk mid-write never leaves a truncated shard
     under a shard's name, and a retried task that writes the same episodes again replaces its earlier file: one
@@ -231,7 +237,7 @@ def write_shard(path: Path, rows: dict[str, list[Any]], kept: int | None = None)
                for key, (dtype, _) in COLUMNS.items()}
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, tmp, metadata={"format_version": str(SHARD_FORMAT_VERSION), "schema_id": SCHEMA_ID,
+        save_file(tensors, tmp, metadata={"format_version": str(SHARD_FORMAT_VERSION), "schema_id": schema_id,
                                           "rows": str(n)})
         tmp.replace(path)
     except OSError as err:
@@ -249,7 +255,7 @@ def _write_error(err: OSError, path: Path, kept: int | None) -> OSError:
                               "directory there) and continue with collect.resume=true")
 
 
-RESUME_KEYS = ("seed", "split", "behaviour", "env", "action_mode", "n_layers", "max_blocks")
+RESUME_KEYS = ("schema_id", "seed", "split", "behaviour", "env", "action_mode", "n_layers", "max_blocks")
 
 
 def _jsonable_tree(x: Any) -> Any:
@@ -284,6 +290,17 @@ def own_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _schema(schema_id: Any, directory: Path) -> FeatureSchema:
+    """The registered schema of a shard directory's `schema_id`; a ShardFormatError naming it and the known ones."""
+    if schema_id in SCHEMAS:
+        return schema_by_id(schema_id)
+    raise ShardFormatError(
+        f"{directory}: the shards were collected under feature schema {schema_id!r}, which this code does not know "
+        f"(known schemas: {sorted(SCHEMAS)}; a model family's schema is registered when its package is imported, "
+        f"e.g. `import cache_core.image`); features of different schemas are not comparable: {RECOLLECT}"
+    )
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of a shard directory, with its format version and feature schema checked."""
     directory = Path(directory)
@@ -297,12 +314,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{directory}: shard format version {version!r}, but this code reads version {SHARD_FORMAT_VERSION}; "
             f"{RECOLLECT}"
         )
-    schema = manifest.get("schema_id")
-    if schema != SCHEMA_ID:
-        raise ShardFormatError(
-            f"{directory}: the shards were collected under feature schema {schema!r}, but cache_core.features now "
-            f"has schema {SCHEMA_ID!r}; features of different schemas are not comparable: {RECOLLECT}"
-        )
+    _schema(manifest.get("schema_id"), directory)
     for key in ("n_layers", "max_blocks", "shards", "action_mode"):
         if key not in manifest:
             raise ShardFormatError(f"{path} lacks {key!r} (corrupt or hand-edited); {RECOLLECT}")
@@ -321,11 +333,12 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 def load_shards(directory: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
     """All rows of a shard directory, concatenated: {key: tensor} (see the module docstring for keys and shapes).
 
-    Raises ShardFormatError on another format version or feature schema, a corrupt manifest, a missing or corrupt
-    shard, or tensors whose shapes do not match the manifest.
+    Raises ShardFormatError on another format version, an unknown feature schema or shards of another schema than
+    the manifest's, a corrupt manifest, a missing or corrupt shard, or tensors whose shapes do not match the manifest.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    schema = schema_by_id(manifest["schema_id"])
     listed = {e["file"] for e in manifest["shards"]}
     for orphan in sorted(p.name for p in directory.glob("shard-*.safetensors") if p.name not in listed):
         log.warning("%s/%s is not in the manifest (a collection killed while writing it): left out; resume the "
@@ -335,8 +348,7 @@ def load_shards(directory: str | Path, keys: list[str] | None = None) -> dict[st
     if unknown:
         raise KeyError(f"unknown shard keys {sorted(unknown)}; known: {list(COLUMNS)}")
     dims = {"max_blocks": manifest["max_blocks"], "n_layers": manifest["n_layers"],
-            "n_block_features": manifest.get("n_block_features", N_BLOCK_FEATURES),
-            "n_global_features": manifest.get("n_global_features", N_GLOBAL_FEATURES)}
+            "n_block_features": schema.n_block, "n_global_features": schema.n_global}
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for entry in manifest["shards"]:
         path = directory / entry["file"]
@@ -345,11 +357,11 @@ def load_shards(directory: str | Path, keys: list[str] | None = None) -> dict[st
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("format_version") != str(SHARD_FORMAT_VERSION) or meta.get("schema_id") != SCHEMA_ID:
+                if meta.get("format_version") != str(SHARD_FORMAT_VERSION) or meta.get("schema_id") != schema.id:
                     raise ShardFormatError(
                         f"{path}: shard format version {meta.get('format_version')!r} / schema "
-                        f"{meta.get('schema_id')!r} differ from this code's version {SHARD_FORMAT_VERSION} / schema "
-                        f"{SCHEMA_ID!r}; {RECOLLECT}"
+                        f"{meta.get('schema_id')!r} differ from this code's version {SHARD_FORMAT_VERSION} / the "
+                        f"manifest's schema {schema.id!r}; {RECOLLECT}"
                     )
                 for key in keys:
                     if key not in f.keys():

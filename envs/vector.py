@@ -18,11 +18,13 @@ WORKER_THREADS = 1
 
 
 def worker_env(threads: int | None = WORKER_THREADS, **env_kwargs: Any) -> BlockReuseEnv:
-    """A BlockReuseEnv built inside a worker process, with that process's torch threads set first."""
+    """The env of `env_kwargs` (text or image, `envs.factory.make_env`) built inside a worker process, with that
+    process's torch threads set first."""
     from cache_core.runtime import set_threads
+    from envs.factory import make_env
 
     set_threads(threads)
-    return BlockReuseEnv(**env_kwargs)
+    return make_env(**env_kwargs)
 
 
 def make_sb3_vec_env(env_kwargs: dict[str, Any], n_envs: int, subproc: bool = True, seed: int | None = 0,
@@ -40,7 +42,7 @@ def make_sb3_vec_env(env_kwargs: dict[str, Any], n_envs: int, subproc: bool = Tr
         cls, vec_kwargs = RayVecEnv, {"actor_options": worker_options(ray, restartable=False)}
         factory = partial(worker_env, None)
     else:
-        factory = partial(worker_env, WORKER_THREADS) if subproc else BlockReuseEnv
+        factory = partial(worker_env, WORKER_THREADS) if subproc else partial(worker_env, None)
         cls = SubprocVecEnv if subproc else DummyVecEnv
         vec_kwargs = {"start_method": start_method} if subproc and start_method else None
     return make_vec_env(factory, n_envs=n_envs, seed=seed, env_kwargs=dict(env_kwargs), vec_env_cls=cls,

@@ -301,10 +301,13 @@ class RLConfig:
         v.choice("rl.vec_env", self.vec_env, VEC_ENVS)
         if self.warm_start not in (None, "auto") and self.resume:
             raise ValueError("rl.warm_start and rl.resume are exclusive: a resumed run already has trained weights")
-        unknown = set(self.env) - set(EnvConfig.__dataclass_fields__)
+        from envs.image_env import ImageEnvConfig
+
+        # Either family's env keys; RootConfig checks that rl.env fits the env group the run has.
+        known = set(EnvConfig.__dataclass_fields__) | set(ImageEnvConfig.__dataclass_fields__)
+        unknown = set(self.env) - known
         if unknown:
-            raise ValueError(f"rl.env has unknown env settings {sorted(unknown)}; known: "
-                             f"{sorted(EnvConfig.__dataclass_fields__)}")
+            raise ValueError(f"rl.env has unknown env settings {sorted(unknown)}; known: {sorted(known)}")
 
 
 @dataclass
@@ -328,8 +331,10 @@ class EvaluateConfig:
     learned: list[LearnedEntry] = MISSING
     thresholds: list[float] | None = MISSING
     budgets: list[float] | None = MISSING
-    max_em_loss: float = MISSING
+    max_em_loss: float = MISSING  # text: exact-match loss; image family: classifier-accuracy loss
     min_agreement: float = MISSING
+    min_psnr: float = MISSING  # image family: the quality floor (dB against the no-cache sample)
+    max_psnr_loss: float = MISSING  # image family: dB a learned point may lose against the best heuristic's
     output_dir: str = MISSING
     name: str = MISSING
     progress: bool = MISSING
@@ -347,6 +352,8 @@ class EvaluateConfig:
             check_policy_name(f"{p}heuristics[{i}]", name, files=False)
         v.fraction(p + "max_em_loss", self.max_em_loss, open_low=False)
         v.fraction(p + "min_agreement", self.min_agreement, open_low=False)
+        v.number(p + "min_psnr", self.min_psnr)
+        v.number(p + "max_psnr_loss", self.max_psnr_loss, low=0.0)
         v.text(p + "name", self.name)
         names = [e.name for e in self.learned]
         if len(set(names)) != len(names) and any(e.knob is None for e in self.learned):
@@ -362,12 +369,14 @@ class RootConfig:
     seed: int = MISSING
     threads: int | None = MISSING  # torch CPU threads; null = the engine's default (cache_core.runtime)
     paths: PathsConfig = MISSING
-    model: BuiltinModelConfig = MISSING
+    # model / pretrain / env hold the text family's schema (BuiltinModelConfig, PretrainConfig, EnvConfig) or, with
+    # experiment=dit, the image family's (IMAGE_SCHEMAS): each option's YAML names its own schema, which types it.
+    model: Any = MISSING
     task: TaskConfig = MISSING
     generation: GenerationConfig = MISSING
-    pretrain: PretrainConfig = MISSING
+    pretrain: Any = MISSING
     benchmark: BenchmarkConfig = MISSING
-    env: EnvConfig = MISSING
+    env: Any = MISSING
     collect: CollectConfig = MISSING
     env_benchmark: EnvBenchmarkConfig = MISSING
     data: DataConfig = MISSING
@@ -399,6 +408,21 @@ SCHEMAS: dict[str, type] = {
 }
 
 
+def _image_schemas() -> dict[str, type]:
+    from cache_core.bench.image_config import DiTModelGroupConfig, DiTPretrainGroupConfig
+    from envs.image_env import ImageEnvConfig
+
+    return {"model": DiTModelGroupConfig, "pretrain": DiTPretrainGroupConfig, "env": ImageEnvConfig}
+
+
+IMAGE_SCHEMAS: dict[str, type] = _image_schemas()  # the image family's options of those groups (experiment=dit)
+
+
+def family_of_config(cfg: Any) -> str:
+    """"image" when the run's model group is the DiT (experiment=dit), else "text"."""
+    return "image" if getattr(cfg.model, "family", None) == "dit" else "text"
+
+
 def register_configs() -> None:
     """Put every schema in Hydra's ConfigStore (`<group>/schema`, the root as `root_schema`) and the `repo_root`
     resolver; idempotent. train.py calls it before Hydra composes; so does `compose`."""
@@ -408,6 +432,8 @@ def register_configs() -> None:
     cs.store(name="root_schema", node=RootConfig)
     for group, schema in SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
+    for group, schema in IMAGE_SCHEMAS.items():
+        cs.store(group=group, name="dit_schema", node=schema)
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
 

@@ -6,8 +6,10 @@ One row of the dataset = one environment step: x (max_blocks, F) = [blocks | glo
 function OraclePolicy and the environment use), made in the training step rather than here, so that a
 budget-conditioned run can label each row at another epsilon.
 
-The loss mask keeps the blocks whose decision matters: real blocks that are not the decoding block (the cache always
-recomputes it) and that were computed before (never-computed blocks carry `drift_cap` and are always computed too).
+The loss mask keeps the blocks whose decision matters: real blocks that are not forced (the schema's `forced` column,
+text: the decoding block, which the cache always recomputes) and that were computed before (never-computed blocks
+carry `drift_cap` and are always computed too). Column indices come from the shards' feature schema (their manifest's
+`schema_id`), so shards of any registered model family load here.
 
 Train/validation split by *episode* (`group_by: episode`) or, stricter, by prompt (`group_by: prompt`: every episode
 of a prompt lands on the same side), never by step: steps of one episode are strongly correlated.
@@ -24,14 +26,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from cache_core.actions import oracle_actions
-from cache_core.features import BLOCK_FEATURE_NAMES, GLOBAL_FEATURE_NAMES, N_BLOCK_FEATURES, policy_input
+from cache_core.features import TEXT_SCHEMA, FeatureSchema, policy_input, schema_by_id
 from policies.config import GROUP_BY
 
 log = logging.getLogger(__name__)
 
-IS_DECODING = BLOCK_FEATURE_NAMES.index("is_decoding")
-VALID_FRACTION = BLOCK_FEATURE_NAMES.index("valid_fraction")
-BUDGET_COLUMN = N_BLOCK_FEATURES + GLOBAL_FEATURE_NAMES.index("budget")  # in the policy input
+# The text schema's indices, for existing imports; the code below reads the data's schema.
+IS_DECODING = TEXT_SCHEMA.block_index(TEXT_SCHEMA.forced)
+VALID_FRACTION = TEXT_SCHEMA.block_index(TEXT_SCHEMA.valid)
+BUDGET_COLUMN = TEXT_SCHEMA.input_index(TEXT_SCHEMA.budget)  # in the policy input
 COLLECT_HINT = "collect them first with `python train.py mode=collect` (or point data.shards_dir at a shard directory)"
 
 
@@ -43,6 +46,7 @@ def load_rows(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if not (directory / "manifest.json").is_file():
         raise FileNotFoundError(f"no rollout shards at {directory} (no manifest.json): {COLLECT_HINT}")
     manifest = read_manifest(directory)
+    schema = schema_by_id(manifest["schema_id"])  # read_manifest refused an unknown one
     keys = ["blocks", "block_mask", "global", "oracle_drift", "episode", "prompt_index"]
     data = load_shards(directory, keys=keys)
     if data["blocks"].shape[0] == 0:
@@ -51,7 +55,7 @@ def load_rows(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     drift = data["oracle_drift"]
     block_mask = data["block_mask"].bool()
     computed = drift.amax(-1) < drift_cap
-    loss_mask = block_mask & (data["blocks"][..., IS_DECODING] < 0.5) & computed
+    loss_mask = block_mask & (data["blocks"][..., schema.block_index(schema.forced)] < 0.5) & computed
     rows = {"x": policy_input(data["blocks"], data["global"]), "block_mask": block_mask, "loss_mask": loss_mask,
             "drift": drift, "episode": data["episode"], "prompt": data["prompt_index"]}
     return rows, manifest
@@ -64,6 +68,9 @@ def load_many(directories: list[str | Path]) -> tuple[dict[str, torch.Tensor], d
     parts, manifests = [], []
     for directory in directories:
         rows, manifest = load_rows(directory)
+        if manifests and manifest["schema_id"] != manifests[0]["schema_id"]:
+            raise ValueError(f"{directory}: feature schema {manifest['schema_id']!r} differs from {directories[0]}'s "
+                             f"{manifests[0]['schema_id']!r}; train on shards of one model family and schema")
         if manifests and (manifest["n_layers"], manifest["max_blocks"]) != (manifests[0]["n_layers"],
                                                                            manifests[0]["max_blocks"]):
             raise ValueError(f"{directory}: n_layers/max_blocks {manifest['n_layers']}/{manifest['max_blocks']} differ "
@@ -94,12 +101,12 @@ def split_groups(groups: torch.Tensor, val_fraction: float, seed: int) -> tuple[
 
 
 def budget_of_epsilon(drift: torch.Tensor, x: torch.Tensor, loss_mask: torch.Tensor, block_mask: torch.Tensor,
-                      epsilons: list[float]) -> list[float]:
+                      epsilons: list[float], schema: FeatureSchema = TEXT_SCHEMA) -> list[float]:
     """Approximate FLOP fraction the oracle at each epsilon spends on these rows: recomputed positions / valid
     positions, counting the decoding block (always computed) and weighting blocks by their valid fraction. Ignores
     the LM head and attention's dependence on the key count; it is the budget value a budget-conditioned predictor
-    is trained with (see policies.supervised)."""
-    weight = x[..., VALID_FRACTION] * block_mask
+    is trained with (see policies.supervised). schema: the feature schema of x (its valid column)."""
+    weight = x[..., schema.block_index(schema.valid)] * block_mask
     forced = (block_mask & ~loss_mask).float() * weight
     total = weight.sum()
     out = []
@@ -110,41 +117,56 @@ def budget_of_epsilon(drift: torch.Tensor, x: torch.Tensor, loss_mask: torch.Ten
 
 
 def write_synthetic_shards(directory: str | Path, episodes: int = 12, steps: int = 8, max_blocks: int = 6,
-                           n_layers: int = 2, seed: int = 0, drift_cap: float = 1e3, shard_size: int = 40) -> Path:
-    """Shards in the real format (envs.shards.ShardWriter) with a learnable rule, for tests and smoke runs in seconds:
-    drift grows with `changed_since_refresh` and `steps_since_refresh` and with depth; the decoding block is one of
-    the last blocks, padding rows lead, and every block is never-computed (drift_cap) at step 0."""
+                           n_layers: int = 2, seed: int = 0, drift_cap: float = 1e3, shard_size: int = 40,
+                           schema: FeatureSchema = TEXT_SCHEMA) -> Path:
+    """Shards in the real format (envs.shards.ShardWriter) of `schema` with a learnable rule, for tests and smoke runs
+    in seconds: drift grows with two signal columns (text: `changed_since_refresh` and `steps_since_refresh`; another
+    schema: its first two block columns without a role) and with depth; the forced (decoding) block is one of the
+    last blocks, padding rows lead, and every block is never-computed (drift_cap) at step 0. Columns are uniform in
+    their declared ranges."""
     import numpy as np
 
-    from cache_core.features import GLOBAL_FEATURE_NAMES, N_GLOBAL_FEATURES
     from envs.shards import ShardWriter
 
     rng = np.random.default_rng(seed)
-    changed = BLOCK_FEATURE_NAMES.index("changed_since_refresh")
-    since = BLOCK_FEATURE_NAMES.index("steps_since_refresh")
-    manifest = {"n_layers": n_layers, "max_blocks": max_blocks, "n_block_features": N_BLOCK_FEATURES,
-                "n_global_features": N_GLOBAL_FEATURES, "block_feature_names": list(BLOCK_FEATURE_NAMES),
-                "global_feature_names": list(GLOBAL_FEATURE_NAMES), "action_mode": "binary", "split": "train",
+    forced, valid = schema.block_index(schema.forced), schema.block_index(schema.valid)
+    if schema.id == TEXT_SCHEMA.id:  # the text rule, as it always was
+        signals = ["changed_since_refresh", "steps_since_refresh"]
+    else:
+        roles = {schema.forced, schema.valid, schema.attention, schema.relative}
+        signals = [n for n in schema.block_names if n not in roles][:2]
+        if len(signals) < 2:
+            raise ValueError(f"write_synthetic_shards needs two block columns without a role in schema {schema.id!r}")
+    changed, since = (schema.block_index(n) for n in signals)
+    n_block, n_global = schema.n_block, schema.n_global
+    block_low = np.array([c.low for c in schema.block_columns], np.float32)
+    block_span = np.array([c.high - c.low for c in schema.block_columns], np.float32)
+    global_low = np.array([c.low for c in schema.global_columns], np.float32)
+    global_span = np.array([c.high - c.low for c in schema.global_columns], np.float32)
+    manifest = {"schema_id": schema.id, "n_layers": n_layers, "max_blocks": max_blocks, "n_block_features": n_block,
+                "n_global_features": n_global, "block_feature_names": list(schema.block_names),
+                "global_feature_names": list(schema.global_names), "action_mode": "binary", "split": "train",
                 "behaviour": {"synthetic": True}, "env": {"drift_cap": drift_cap}, "seed": seed}
     writer = ShardWriter(directory, shard_size, manifest, overwrite=True)
     for episode in range(episodes):
         real = int(rng.integers(max(2, max_blocks - 3), max_blocks + 1))
         offset = max_blocks - real
         for step in range(steps):
-            blocks = np.zeros((max_blocks, N_BLOCK_FEATURES), np.float32)
-            blocks[offset:] = rng.random((real, N_BLOCK_FEATURES), dtype=np.float32)
-            blocks[offset:, 0] = (np.arange(real) - (real - 1)) / real  # relative_position
-            blocks[offset:, IS_DECODING] = 0.0
+            blocks = np.zeros((max_blocks, n_block), np.float32)
+            blocks[offset:] = block_low + block_span * rng.random((real, n_block), dtype=np.float32)
+            if schema.relative is not None:
+                blocks[offset:, schema.block_index(schema.relative)] = (np.arange(real) - (real - 1)) / real
+            blocks[offset:, forced] = 0.0
             decoding = max_blocks - 1 - int(rng.integers(0, min(2, real)))
-            blocks[decoding, IS_DECODING] = 1.0
-            blocks[offset:, VALID_FRACTION] = 1.0
+            blocks[decoding, forced] = 1.0
+            blocks[offset:, valid] = 1.0
             depth = (np.arange(n_layers) + 1) / n_layers
             drift = np.zeros((max_blocks, n_layers), np.float32)
             drift[offset:] = (0.12 * blocks[offset:, changed, None] + 0.04 * blocks[offset:, since, None]) * depth
             if step == 0:
                 drift[offset:] = drift_cap
-            glob = rng.random(N_GLOBAL_FEATURES, dtype=np.float32)
-            glob[GLOBAL_FEATURE_NAMES.index("budget")] = 1.0
+            glob = global_low + global_span * rng.random(n_global, dtype=np.float32)
+            glob[schema.global_index(schema.budget)] = 1.0
             mask = np.zeros(max_blocks, bool)
             mask[offset:] = True
             writer.add({"blocks": blocks, "block_mask": mask, "global": glob,
@@ -195,6 +217,11 @@ class ShardDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
+
+    @property
+    def schema(self) -> FeatureSchema:
+        """The feature schema of the shards (their manifest's schema_id)."""
+        return schema_by_id(self.manifest["schema_id"])
 
     @property
     def n_layers(self) -> int:

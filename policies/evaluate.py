@@ -37,19 +37,20 @@ from cache_core.bench.benchmark import (
     write_results,
 )
 from cache_core.cache import RefreshPlan
-from cache_core.features import GLOBAL_FEATURE_NAMES, StepFeatures
+from cache_core.features import TEXT_SCHEMA, FeatureSchema, StepFeatures
 from cache_core.learned import LearnedPolicy, policy_files, read_manifest
 from cache_core.policy import ReusePolicy, StepContext
 from envs.config import RayConfig
 from policies.config import LearnedEntry, RootConfig
 
 log = logging.getLogger(__name__)
-BUDGET = GLOBAL_FEATURE_NAMES.index("budget")
+BUDGET = TEXT_SCHEMA.global_index(TEXT_SCHEMA.budget)  # the text schema's, for existing imports
 
 
 class BudgetedPolicy(ReusePolicy):
-    """A budget-conditioned learned policy run at a fixed budget: sets the `budget` feature, as
-    `generate(..., budget=b)` would, so that one benchmark run can sweep budgets as a knob."""
+    """A budget-conditioned learned policy run at a fixed budget: sets the budget feature (the column of the inner
+    policy's feature schema, its `schema`; else the features' own), as `generate(..., budget=b)` would, so that one
+    benchmark run can sweep budgets as a knob."""
 
     uses_features = True
     knob = "budget"
@@ -62,6 +63,7 @@ class BudgetedPolicy(ReusePolicy):
         # What the inner policy declares, so the driver treats the pair as it treats the inner policy. It sets the
         # budget feature itself, so generate() is given none.
         self.uses_attention, self.refresh_at_block_start = inner.uses_attention, inner.refresh_at_block_start
+        self.modalities = inner.modalities
 
     def reset(self, batch_size: int) -> None:
         self.inner.reset(batch_size)
@@ -73,9 +75,13 @@ class BudgetedPolicy(ReusePolicy):
         self.inner.on_step_end(ctx, result)
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        schema = getattr(self.inner, "schema", None)
+        schema = schema if isinstance(schema, FeatureSchema) else features.schema
+        if schema.id != features.schema.id:  # the inner policy refuses them, with a message naming both schemas
+            return self.inner.plan(features, ctx)
         global_ = features.global_.clone()
-        global_[:, BUDGET] = self.budget
-        return self.inner.plan(StepFeatures(features.blocks, global_), ctx)
+        global_[:, schema.global_index(schema.budget)] = self.budget
+        return self.inner.plan(StepFeatures(features.blocks, global_, features.schema), ctx)
 
     def describe(self) -> dict[str, Any]:
         return {**self.inner.describe(), "budget": self.budget}
@@ -233,7 +239,12 @@ def run(cfg: RootConfig) -> dict[str, Any]:
     """`mode=evaluate`: heuristics, oracle and learned policy files on the test split -> JSON, table, Pareto PNG."""
     from cache_core.bench import taskfile
     from cache_core.bench.config import make_task
+    from policies.config import family_of_config
 
+    if family_of_config(cfg) == "image":  # experiment=dit: images, their metrics and their heuristics
+        from policies.image_evaluate import run as run_image
+
+        return run_image(cfg)
     e = cfg.evaluate
     examples = make_task(cfg.task).split(e.split, e.n_examples)
     learned = learned_specs(list(e.learned), e.thresholds, e.budgets)

@@ -33,27 +33,28 @@ from torch import nn
 
 from cache_core.actions import ACTION_MODES, OUTPUTS, n_actions
 from cache_core.bench.tracking import portable_path
-from cache_core.features import (
-    BLOCK_FEATURE_NAMES,
-    GLOBAL_FEATURE_NAMES,
-    N_BLOCK_FEATURES,
-    N_GLOBAL_FEATURES,
-    SCHEMA_ID,
-    SCHEMA_VERSION,
-)
+from cache_core.features import TEXT_SCHEMA, FeatureSchema, StepFeatures
 from cache_core.learned import POLICY_FORMAT, POLICY_FORMAT_VERSION, policy_files
 
 log = logging.getLogger(__name__)
 INPUT_NAME = "features"
 OPSET = 17
-N_FEATURES = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
+N_FEATURES = TEXT_SCHEMA.n_features  # the text schema's width, for existing imports
 
 
 policy_paths = policy_files  # `<path>.onnx`, `<path>.json` (cache_core.learned.policy_files)
 
 
+def network_schema(net: nn.Module) -> FeatureSchema:
+    """The feature schema a network reads: its own `schema` (BlockPredictor, the RL agent's ExportedActor), else the
+    text schema (any other module over the text policy input)."""
+    schema = getattr(net, "schema", None)
+    return schema if isinstance(schema, FeatureSchema) else TEXT_SCHEMA
+
+
 class _Graph(nn.Module):
-    """The exported signature: features only (the network infers real blocks from valid_fraction), float32 out."""
+    """The exported signature: features only (the network infers real blocks from its schema's valid column), float32
+    out."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -80,7 +81,8 @@ def export_onnx(net: nn.Module, path: str | Path, *, action_mode: str, output: s
                 metrics: dict[str, Any] | None = None, default_budget: float | None = None) -> Path:
     """Write `<path>.onnx` and its manifest `<path>.json` as `cache_core.learned` reads them; returns the .onnx path.
 
-    net: any module mapping (B, n_blocks, F_block + F_global) float32 to the `output` tensor. action_mode: binary |
+    net: any module mapping (B, n_blocks, F_block + F_global) float32 to the `output` tensor; its feature schema is
+    `network_schema(net)` (recorded in the manifest). action_mode: binary |
     depth. output: refresh_logit (binary only; a block is refreshed when sigmoid >= threshold) | action_logits
     (argmax read as in the environment). default_budget: the budget a budget-conditioned policy runs at when
     generate() is given none (else it would see budget 1 and refresh nearly everything). Raises ValueError on an
@@ -99,6 +101,7 @@ def export_onnx(net: nn.Module, path: str | Path, *, action_mode: str, output: s
     if default_budget is not None and not (budget_conditioned and 0.0 < float(default_budget) <= 1.0):
         raise ValueError(f"default_budget={default_budget} needs a budget-conditioned policy and a FLOP fraction in "
                          "(0, 1]")
+    schema = network_schema(net)
     onnx_path, json_path = policy_paths(path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -107,7 +110,7 @@ def export_onnx(net: nn.Module, path: str | Path, *, action_mode: str, output: s
     device = param.device if param is not None else torch.device("cpu")
     graph = _Graph(net).eval().cpu()  # moves net in place; put back below
     # Trace with sizes > 1 so that no axis is specialised to a constant.
-    dummy = _random_features(3, 5, seed=0)
+    dummy = _random_features(3, 5, seed=0, schema=schema)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter": chosen on purpose, see above
         _check_output(graph(dummy), output, action_mode, int(n_layers), (3, 5))
@@ -120,47 +123,55 @@ def export_onnx(net: nn.Module, path: str | Path, *, action_mode: str, output: s
 
     onnx.checker.check_model(onnx.load(str(onnx_path)))
     manifest = {
-        "format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION, "schema_id": SCHEMA_ID,
-        "schema_version": SCHEMA_VERSION, "action_mode": action_mode, "n_layers": int(n_layers), "output": output,
+        "format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION, "schema_id": schema.id,
+        "schema_version": schema.version, "schema_family": schema.family, "action_mode": action_mode,
+        "n_layers": int(n_layers), "output": output,
         "threshold": float(threshold), "budget_conditioned": bool(budget_conditioned),
         "default_budget": None if default_budget is None else float(default_budget),
-        "input": {"name": INPUT_NAME, "shape": ["batch", "n_blocks", N_FEATURES],
-                  "block_features": list(BLOCK_FEATURE_NAMES), "global_features": list(GLOBAL_FEATURE_NAMES)},
+        "input": {"name": INPUT_NAME, "shape": ["batch", "n_blocks", schema.n_features],
+                  "block_features": list(schema.block_names), "global_features": list(schema.global_names)},
         "source": dict(source or {}), "metrics": dict(metrics or {}), "opset": OPSET,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     json_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     try:
-        verify_export(graph, onnx_path)
+        verify_export(graph, onnx_path, schema=schema)
     finally:
         net.to(device).train(was_training)
     log.info("exported %s (+ %s)", onnx_path, json_path.name)
     return onnx_path
 
 
-def _random_features(batch: int, n_blocks: int, seed: int) -> torch.Tensor:
-    """Policy inputs in the schema's ranges (relative_position in [-1, 1], the rest in [0, 1], every block real)."""
+def _random_features(batch: int, n_blocks: int, seed: int, schema: FeatureSchema = TEXT_SCHEMA) -> torch.Tensor:
+    """Policy inputs uniform in each column's declared [low, high], every block real (valid column in (0.01, 1])."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, n_blocks, N_FEATURES, generator=g)
-    relative, valid = BLOCK_FEATURE_NAMES.index("relative_position"), BLOCK_FEATURE_NAMES.index("valid_fraction")
-    x[..., relative] = 2 * x[..., relative] - 1
+    x = torch.rand(batch, n_blocks, schema.n_features, generator=g)
+    low = torch.tensor([c.low for c in schema.columns])
+    x = low + (torch.tensor([c.high for c in schema.columns]) - low) * x  # exact for [0, 1] columns
+    valid = schema.block_index(schema.valid)
     x[..., valid] = 0.01 + 0.99 * x[..., valid]
-    x[..., N_BLOCK_FEATURES:] = x[:, :1, N_BLOCK_FEATURES:]  # global features are the same for every block
+    nb = schema.n_block
+    x[..., nb:] = x[:, :1, nb:]  # global features are the same for every block
     return x
 
 
-def verify_export(net: nn.Module, path: str | Path, atol: float = 1e-4) -> None:
-    """The file loaded by onnxruntime must reproduce the network's outputs on inputs of several shapes."""
-    from cache_core.features import StepFeatures
+def verify_export(net: nn.Module, path: str | Path, atol: float = 1e-4, schema: FeatureSchema | None = None) -> None:
+    """The file loaded by onnxruntime must reproduce the network's outputs on inputs of several shapes (of `schema`,
+    default the network's)."""
     from cache_core.learned import LearnedPolicy
 
+    schema = network_schema(net) if schema is None else schema
     policy = LearnedPolicy(path)
+    if policy.schema.id != schema.id:
+        raise RuntimeError(f"{path}: the file records feature schema {policy.schema.id!r}, the network reads "
+                           f"{schema.id!r}; export it again")
     net = net.eval()
+    nb = schema.n_block
     for batch, n_blocks in ((1, 7), (4, 13)):
-        x = _random_features(batch, n_blocks, seed=batch * 100 + n_blocks)
+        x = _random_features(batch, n_blocks, seed=batch * 100 + n_blocks, schema=schema)
         with torch.no_grad():
             expected = net(x).float()
-        features = StepFeatures(x[..., :N_BLOCK_FEATURES], x[:, 0, N_BLOCK_FEATURES:])
+        features = StepFeatures(x[..., :nb], x[:, 0, nb:], schema)
         got = torch.from_numpy(policy.scores(features))
         if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=1e-4):
             err = (got - expected).abs().max().item() if got.shape == expected.shape else float("nan")
@@ -221,7 +232,7 @@ def write_weights(net: nn.Module, path: str | Path, *, threshold: float, action_
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     config = net.config() if hasattr(net, "config") else {}
     save_file(state, str(out), metadata={
-        "format": WEIGHTS_FORMAT, "schema_id": SCHEMA_ID, "net_config": json.dumps(config),
+        "format": WEIGHTS_FORMAT, "schema_id": network_schema(net).id, "net_config": json.dumps(config),
         "threshold": repr(float(threshold)), "action_mode": action_mode,
         "budget_conditioned": json.dumps(bool(budget_conditioned))})
     return out

@@ -1,6 +1,6 @@
 """The block predictor: a small network over the feature schema's policy input that scores every KV-cache block.
 
-    x (B, n_blocks, N_BLOCK_FEATURES + N_GLOBAL_FEATURES) = StepFeatures.policy_input()
+    x (B, n_blocks, schema.n_features) = StepFeatures.policy_input()
       -> encode(x, block_mask)  (B, n_blocks, hidden)   per-block embedding
       -> head                   (B, n_blocks) refresh logit (n_outputs = 1) or (B, n_blocks, n_outputs) action logits
 
@@ -11,11 +11,12 @@ Two trunks behind one interface:
   on how much the decoding block just changed). No positional encoding: `relative_position` is a feature, so the
   network is permutation-equivariant and serves any number of blocks. Padded blocks are masked out as keys.
 
-`block_mask=None` means "infer it": a block is real when its `valid_fraction` column is > 0. The env's padded rows are
-all-zero and a block of pure left padding in a batched `generate()` has valid_fraction 0, so the exported graph (which
-takes only x) masks exactly what training masked. The RL agent (policies/rl_policy.py) uses `encode` as its SB3
-features extractor, so keep `BlockPredictor(in_features, hidden, arch=..., n_outputs=..., ...)` and `encode(x, mask)`
-stable.
+`block_mask=None` means "infer it": a block is real when its schema's valid column (text: `valid_fraction`) is > 0.
+The env's padded rows are all-zero and a block of pure left padding in a batched `generate()` has valid_fraction 0, so
+the exported graph (which takes only x) masks exactly what training masked. The RL agent (policies/rl_policy.py) uses
+`encode` as its SB3 features extractor, so keep `BlockPredictor(in_features, hidden, arch=..., n_outputs=..., ...)`
+and `encode(x, mask)` stable. A predictor is built for one feature schema (`schema_id`, default the text schema's),
+recorded in its config, so a checkpoint or exported file says which model family's features it reads.
 
 `TorchPolicy` wraps a live network as a `ReusePolicy` in-process (validation generations during training, and the
 reference the exported file is compared with); it reads outputs with the action codec (`cache_core.actions`), as
@@ -35,21 +36,15 @@ from torch import nn
 
 from cache_core.actions import plan_from_output
 from cache_core.cache import RefreshPlan
-from cache_core.features import (
-    BLOCK_FEATURE_NAMES,
-    GLOBAL_FEATURE_NAMES,
-    N_BLOCK_FEATURES,
-    N_GLOBAL_FEATURES,
-    SCHEMA_ID,
-    StepFeatures,
-)
+from cache_core.features import TEXT_SCHEMA, FeatureSchema, StepFeatures, schema_by_id
 from cache_core.policy import ReusePolicy, StepContext
 
 ARCHS = ("mlp", "transformer")
-N_FEATURES = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
-FEATURE_NAMES = (*BLOCK_FEATURE_NAMES, *GLOBAL_FEATURE_NAMES)  # columns of the policy input
-VALID_FRACTION = BLOCK_FEATURE_NAMES.index("valid_fraction")
-IS_DECODING = BLOCK_FEATURE_NAMES.index("is_decoding")
+# The text schema's values, for existing imports; a predictor reads its own schema.
+N_FEATURES = TEXT_SCHEMA.n_features
+FEATURE_NAMES = TEXT_SCHEMA.names  # columns of the policy input
+VALID_FRACTION = TEXT_SCHEMA.block_index(TEXT_SCHEMA.valid)
+IS_DECODING = TEXT_SCHEMA.block_index(TEXT_SCHEMA.forced)
 # Additive attention bias of masked keys: finite, so a row whose keys are all masked (a padded query) gets a uniform
 # softmax instead of NaN (NaN would leak into the loss through 0 * NaN).
 _MASKED = -1e4
@@ -81,12 +76,16 @@ class _AttentionLayer(nn.Module):
 
 class BlockPredictor(nn.Module):
     """Per-block scores from the policy input. n_outputs = 1: refresh logit (B, nb); n_layers + 1: depth action
-    logits (B, nb, n_layers + 1) read by `cache_core.actions` (0 = reuse, j = refresh the top j layers)."""
+    logits (B, nb, n_layers + 1) read by `cache_core.actions` (0 = reuse, j = refresh the top j layers).
+    schema_id: the registered feature schema the input follows; in_features defaults to its width (another width is
+    a plain network over unnamed columns: no ignore_features, every block real unless a mask is given)."""
 
-    def __init__(self, in_features: int = N_FEATURES, hidden: int = 64, arch: str = "mlp", n_outputs: int = 1,
+    def __init__(self, in_features: int | None = None, hidden: int = 64, arch: str = "mlp", n_outputs: int = 1,
                  n_layers_attn: int = 1, n_heads: int = 2, dropout: float = 0.0,
-                 ignore_features: tuple[str, ...] | list[str] = ()):
+                 ignore_features: tuple[str, ...] | list[str] = (), schema_id: str = TEXT_SCHEMA.id):
         super().__init__()
+        self.schema: FeatureSchema = schema_by_id(schema_id)
+        in_features = self.schema.n_features if in_features is None else int(in_features)
         if arch not in ARCHS:
             raise ValueError(f"unknown predictor arch {arch!r}; choose one of {list(ARCHS)} (policy.arch)")
         if in_features < 1 or hidden < 1 or n_outputs < 1:
@@ -99,7 +98,7 @@ class BlockPredictor(nn.Module):
         self.n_layers_attn, self.n_heads, self.dropout = n_layers_attn, n_heads, dropout
         # Columns the network must not read (a fixed input mask, kept in the ONNX graph, and zero weight columns):
         # e.g. compute_spent, which tells which behaviour policy collected an episode more than how stale a block is.
-        names = FEATURE_NAMES if in_features == N_FEATURES else ()
+        names = self._names(in_features)
         unknown = [f for f in ignore_features if f not in names]
         if unknown:
             raise ValueError(f"ignore_features {unknown} are not policy-input columns {list(names)}")
@@ -117,25 +116,29 @@ class BlockPredictor(nn.Module):
         self.norm = nn.LayerNorm(hidden) if arch == "transformer" else nn.Identity()
         self.head = nn.Linear(hidden, n_outputs)
 
+    def _names(self, in_features: int) -> tuple[str, ...]:
+        """The input's column names when it is the schema's policy input, else none."""
+        return self.schema.names if in_features == self.schema.n_features else ()
+
     @property
     def ignore_features(self) -> tuple[str, ...]:
-        names = FEATURE_NAMES if self.in_features == N_FEATURES else ()
+        names = self._names(self.in_features)
         return tuple(n for n, k in zip(names, self.input_keep.tolist()) if k == 0.0)
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments: `BlockPredictor(**net.config())` rebuilds the architecture."""
         return {"in_features": self.in_features, "hidden": self.hidden, "arch": self.arch, "n_outputs": self.n_outputs,
                 "n_layers_attn": self.n_layers_attn, "n_heads": self.n_heads, "dropout": self.dropout,
-                "ignore_features": list(self.ignore_features)}
+                "ignore_features": list(self.ignore_features), "schema_id": self.schema.id}
 
     def _check(self, x: torch.Tensor, block_mask: torch.Tensor | None) -> torch.Tensor:
         if not torch.jit.is_tracing() and (x.dim() != 3 or x.shape[-1] != self.in_features):
             raise ValueError(f"BlockPredictor expects x of shape (B, n_blocks, {self.in_features}), got "
                              f"{tuple(x.shape)}")
         if block_mask is None:
-            if self.in_features != N_FEATURES:
+            if self.in_features != self.schema.n_features:
                 return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            return x[..., VALID_FRACTION] > 0
+            return x[..., self.schema.block_index(self.schema.valid)] > 0
         if not torch.jit.is_tracing() and tuple(block_mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"block_mask has shape {tuple(block_mask.shape)}, expected {tuple(x.shape[:2])}")
         return block_mask.bool()
@@ -178,9 +181,13 @@ def read_predictor(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
                 raw: Any = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
             raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-        if header.get("schema_id") not in (None, SCHEMA_ID):
-            raise ValueError(f"{path}: built for feature schema {header['schema_id']!r}, this code computes "
-                             f"{SCHEMA_ID!r}; retrain the predictor (python train.py) and export it again")
+        if header.get("schema_id") is not None:
+            try:
+                schema_by_id(header["schema_id"])
+            except ValueError as err:
+                raise ValueError(f"{path}: built for feature schema {header['schema_id']!r}, which this code does "
+                                 f"not know ({err}); retrain the predictor (python train.py) and export it "
+                                 "again") from None
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -200,14 +207,20 @@ def read_predictor(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
                 "threshold": float(header.get("threshold", 0.5)),
                 "budget_conditioned": json.loads(header.get("budget_conditioned", "false")),
                 "action_mode": header.get("action_mode")}
-        return tensors, meta
+        return tensors, {**meta, "schema_id": _schema_id(meta, header.get("schema_id"))}
     hp = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     extra = (raw.get("blockreuse") if isinstance(raw, dict) else None) or {}
     meta = {**hp, "net_config": dict(extra.get("net_config") or {}), "threshold": float(hp.get("threshold", 0.5)),
             "budget_conditioned": bool(hp.get("budget_conditioned", False)), "action_mode": hp.get("action_mode"),
             "val_metrics": dict(extra.get("val_metrics") or {}), "epoch": raw.get("epoch"),
             "global_step": raw.get("global_step")}
-    return tensors, meta
+    return tensors, {**meta, "schema_id": _schema_id(meta, hp.get("schema_id"))}
+
+
+def _schema_id(meta: dict[str, Any], recorded: str | None) -> str:
+    """The schema a predictor file was built for: recorded with it, else in its net config; files written before
+    schemas were per family are the text schema's."""
+    return recorded or meta["net_config"].get("schema_id") or TEXT_SCHEMA.id
 
 
 def load_predictor(path: str | Path) -> tuple[BlockPredictor, dict[str, Any]]:
@@ -216,7 +229,7 @@ def load_predictor(path: str | Path) -> tuple[BlockPredictor, dict[str, Any]]:
     if not meta["net_config"]:
         raise ValueError(f"{path}: no net config recorded with the weights; it was not written by this project's "
                          "mode=supervised / export")
-    net = BlockPredictor(**meta["net_config"])
+    net = BlockPredictor(**{**meta["net_config"], "schema_id": meta["schema_id"]})
     missing, unexpected = net.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: the weights do not fit the recorded network (missing {missing[:3]}, unexpected "

@@ -40,7 +40,7 @@ import torch
 
 from cache_core.actions import check_action_mode
 from cache_core.bench import tracking
-from cache_core.features import BLOCK_FEATURE_NAMES, GLOBAL_FEATURE_NAMES
+from cache_core.features import TEXT_SCHEMA, FeatureSchema
 from cache_core.learned import policy_files, read_manifest
 from envs.config import EnvConfig, RayConfig
 from policies.config import LoggerConfig, RLConfig, RLPolicyConfig, RootConfig
@@ -51,6 +51,7 @@ from policies.rl_callbacks import (
     GenerationEvalCallback,
     TimeLimitCallback,
     WandbOutputFormat,
+    check_agent_schema,
     read_agent_checkpoint,
     restore_agent,
     save_agent,
@@ -91,15 +92,32 @@ def resolve_algo(name: str, action_mode: str) -> type:
     return {"ppo": PPO, "a2c": A2C}[key]
 
 
-def env_settings(env_kwargs: dict[str, Any]) -> EnvConfig:
-    """The typed settings inside BlockReuseEnv keyword arguments (objects such as a model left out)."""
-    return EnvConfig.from_settings(**{k: v for k, v in env_kwargs.items() if k not in ENV_OBJECTS})
+def env_settings(env_kwargs: dict[str, Any]) -> Any:
+    """The typed settings inside env keyword arguments (objects such as a model left out): an `EnvConfig`, or an
+    `ImageEnvConfig` when they describe the image env (`envs.factory.image_settings`)."""
+    from envs.factory import image_settings
+    from envs.image_env import ImageEnvConfig
+
+    plain = {k: v for k, v in env_kwargs.items() if k not in ENV_OBJECTS}
+    model = env_kwargs.get("model")
+    if image_settings(plain) or getattr(model, "modality", "text") == "image":
+        return ImageEnvConfig.from_settings(**plain)
+    return EnvConfig.from_settings(**plain)
 
 
 # --- the agent -------------------------------------------------------------------------------------------------------
-def policy_kwargs(p: RLPolicyConfig) -> dict[str, Any]:
+def env_schema(env: Any) -> FeatureSchema:
+    """The feature schema of an env (`env.schema`), or of the first env of an SB3 VecEnv (the envs of one VecEnv are
+    built from the same settings)."""
+    if hasattr(env, "get_attr"):
+        return env.get_attr("schema", [0])[0]
+    return env.unwrapped.schema
+
+
+def policy_kwargs(p: RLPolicyConfig, schema_id: str = TEXT_SCHEMA.id) -> dict[str, Any]:
     return {
-        "features_extractor_kwargs": {"hidden": p.hidden, "arch": p.arch, "predictor_kwargs": dict(p.predictor_kwargs)},
+        "features_extractor_kwargs": {"hidden": p.hidden, "arch": p.arch, "predictor_kwargs": dict(p.predictor_kwargs),
+                                      "schema_id": schema_id},
         "net_arch": {k: list(v) for k, v in p.net_arch.items()},
         "activation_fn": ACTIVATIONS[p.activation],
         "ortho_init": p.ortho_init,
@@ -113,11 +131,12 @@ def algo_kwargs(rl: RLConfig) -> dict[str, Any]:
 
 
 def build_agent(rl: RLConfig, venv: Any, action_mode: str) -> Any:
-    """A fresh SB3 model of `rl.algo` with the per-block policy on `venv`."""
+    """A fresh SB3 model of `rl.algo` with the per-block policy on `venv`, reading the envs' feature schema."""
     cls = resolve_algo(rl.algo, action_mode)
     kwargs = algo_kwargs(rl)
+    schema_id = env_schema(venv).id
     try:
-        model = cls(PerBlockActorCriticPolicy, venv, policy_kwargs=policy_kwargs(rl.policy), seed=rl.seed,
+        model = cls(PerBlockActorCriticPolicy, venv, policy_kwargs=policy_kwargs(rl.policy, schema_id), seed=rl.seed,
                     device=rl.device, verbose=rl.verbose, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad hyperparameters for {cls.__name__}: {sorted(kwargs)} ({err}); fix rl.hyperparams / "
@@ -130,8 +149,13 @@ def load_agent(path: str | Path, rl: RLConfig, env: Any, action_mode: str,
                checkpoint: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Any:
     """An agent rebuilt from config (rl, with the network config its checkpoint records) and the checkpoint's data
     (`policies.rl_callbacks.save_agent`): weights, optimiser state, counters. No pickle is loaded. checkpoint: the
-    already read `read_agent_checkpoint(path)`."""
-    tensors, record = checkpoint if checkpoint is not None else read_agent_checkpoint(path)
+    already read `read_agent_checkpoint(path)`. A checkpoint of another feature schema than the env's is refused."""
+    schema = env_schema(env)
+    if checkpoint is None:
+        tensors, record = read_agent_checkpoint(path, schema)
+    else:
+        tensors, record = checkpoint
+        check_agent_schema(record, path, schema)
     if record.get("action_mode") != action_mode:
         raise ValueError(f"{path}: a {record.get('action_mode')} agent cannot continue as a {action_mode} one; set "
                          f"rl.env.action_mode={record.get('action_mode')}")
@@ -148,10 +172,10 @@ def load_agent(path: str | Path, rl: RLConfig, env: Any, action_mode: str,
     return model
 
 
-def resolve_warm_start(rl: RLConfig, action_mode: str) -> str | None:
+def resolve_warm_start(rl: RLConfig, action_mode: str, schema: FeatureSchema = TEXT_SCHEMA) -> str | None:
     """rl.warm_start as a path or None. `auto` (the default) takes the shipped predictor's weights (rl.warm_start_auto)
-    when they exist and fit the action mode, and otherwise starts from scratch with a warning saying why; an explicit
-    path must fit (errors say why not)."""
+    when they exist and fit the action mode and the env's feature schema, and otherwise starts from scratch with a
+    warning saying why; an explicit path must fit (errors say why not)."""
     value = rl.warm_start
     if value is None or str(value).lower() in ("null", "none", ""):
         return None
@@ -170,6 +194,11 @@ def resolve_warm_start(rl: RLConfig, action_mode: str) -> str | None:
         log.warning("rl.warm_start=auto: the exported predictor at %s is a %s policy and this agent is %s; starting "
                     "from scratch (train a %s predictor to warm-start it)", path, meta["action_mode"], action_mode,
                     action_mode)
+        return None
+    if meta["schema_id"] != schema.id:
+        log.warning("rl.warm_start=auto: the exported predictor at %s reads feature schema %r, this agent's env %r "
+                    "(%s family); starting from scratch (train a predictor on this family's shards to warm-start it)",
+                    path, meta["schema_id"], schema.id, schema.family)
         return None
     log.info("rl.warm_start=auto: starting from the exported predictor %s", path)
     return str(path)
@@ -198,6 +227,10 @@ def warm_start(policy: PerBlockActorCriticPolicy, path: str | Path) -> dict[str,
         raise ValueError(f"rl.warm_start={path}: a {meta['action_mode']} predictor cannot start a "
                          f"{policy.action_mode} agent; set rl.env.action_mode={meta['action_mode']}")
     predictor = policy.features_extractor.predictor
+    if meta["schema_id"] != predictor.schema.id:
+        raise ValueError(f"rl.warm_start={path}: the predictor reads feature schema {meta['schema_id']!r}, the agent's "
+                         f"env {predictor.schema.id!r}; warm-start from a predictor trained on this model family's "
+                         "shards, or set rl.warm_start=null")
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     body = {k: v for k, v in state.items() if not k.startswith("head.")}
     own = predictor.state_dict()
@@ -211,7 +244,7 @@ def warm_start(policy: PerBlockActorCriticPolicy, path: str | Path) -> dict[str,
     with torch.no_grad():
         if not meta["budget_conditioned"]:
             first = predictor.embed[0]
-            col = len(BLOCK_FEATURE_NAMES) + GLOBAL_FEATURE_NAMES.index("budget")
+            col = predictor.schema.input_index(predictor.schema.budget)
             first.bias += first.weight[:, col]
             first.weight[:, col] = 0.0
         linear = policy.action_net.linear
@@ -259,13 +292,18 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
     from stable_baselines3.common.logger import configure
 
     from envs.block_reuse_env import BlockReuseEnv
+    from envs.factory import make_env
+    from envs.image_env import ImageEnvConfig, ImageReuseEnv
     from envs.vector import make_sb3_vec_env
 
     settings = env_settings(env_kwargs)  # refuses bad env settings before any process starts
+    image = isinstance(settings, ImageEnvConfig)
     action_mode = settings.action_mode
     resolve_algo(rl.algo, action_mode)
-    resumed = read_agent_checkpoint(rl.resume) if rl.resume else None  # a bad checkpoint fails before any process
-    warm_path = resolve_warm_start(rl, action_mode)
+    schema = (ImageReuseEnv if image else BlockReuseEnv).schema  # the training and evaluation envs' (make_env's)
+    # A bad checkpoint fails before any process starts.
+    resumed = read_agent_checkpoint(rl.resume, schema) if rl.resume else None
+    warm_path = resolve_warm_start(rl, action_mode, schema)
     started = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -275,8 +313,9 @@ def train_agent(rl: RLConfig, env_kwargs: dict[str, Any], output_dir: str | Path
     # Held-out prompts first: a bad eval split fails before worker processes start.
     if eval_env_kwargs is None:
         eval_env_kwargs = {**env_kwargs, "split": rl.eval.split, "n_prompts": rl.eval.n_prompts}
-    eval_env_kwargs = {**eval_env_kwargs, "budget": None, "shadow": False, "w_kl": 0.0, "w_flip": 0.0}
-    eval_env = BlockReuseEnv(**eval_env_kwargs)
+    no_shadow = {"w_error": 0.0} if image else {"w_kl": 0.0, "w_flip": 0.0}  # the eval env runs no shadow forward
+    eval_env_kwargs = {**eval_env_kwargs, "budget": None, "shadow": False, **no_shadow}
+    eval_env = make_env(**eval_env_kwargs)
 
     started_ray = False
     if rl.vec_env == "ray":

@@ -8,8 +8,8 @@
 - `WandbOutputFormat`: an SB3 logger output that forwards every dumped record (rollout/*, train/*, time/*, eval/*)
   to `wandb.log` (SB3's `WandbCallback` reads metrics through TensorBoard, which this project does not install).
 - `AgentCheckpointCallback` / `save_agent` / `read_agent_checkpoint`: agent checkpoints as data only (safetensors +
-  JSON: weights, optimiser state, counters, the network's config), so resuming unpickles nothing. SB3 zips (pickles)
-  are refused.
+  JSON: weights, optimiser state, counters, the network's config, the feature schema id), so resuming unpickles
+  nothing. SB3 zips (pickles) are refused, and so is a checkpoint of another feature schema than the env's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter
 
-from cache_core.features import SCHEMA_ID
+from cache_core.features import SCHEMAS, TEXT_SCHEMA, FeatureSchema, schema_by_id
 from cache_core.validate import read_json_object
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,27 @@ def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
     return path.parent / (path.name + ".safetensors"), path.parent / (path.name + ".json")
 
 
+def agent_schema(model: BaseAlgorithm) -> FeatureSchema:
+    """The feature schema an agent reads: its features extractor's (BlockEncoderExtractor), else the text schema."""
+    schema = getattr(model.policy.features_extractor, "schema", None)
+    return schema if isinstance(schema, FeatureSchema) else TEXT_SCHEMA
+
+
+def check_agent_schema(record: dict[str, Any], source: str | Path, schema: FeatureSchema | None = None
+                       ) -> FeatureSchema:
+    """The feature schema an agent checkpoint's record names; refused when it is not registered or, given the
+    env's schema, when it is another (an agent trained on one model family's features cannot continue on another's)."""
+    recorded = record.get("schema_id")
+    if recorded not in SCHEMAS:
+        raise ValueError(f"{source}: trained on feature schema {recorded!r}, which this blockreuse does not know "
+                         f"(known schemas: {sorted(SCHEMAS)}; a model family's schema is registered when its package "
+                         "is imported, e.g. `import cache_core.image`); start a new run instead of resuming")
+    if schema is not None and recorded != schema.id:
+        raise ValueError(f"{source}: trained on feature schema {recorded!r}, but the env computes {schema.id!r} "
+                         f"({schema.family} family); resume with the env it was trained on, or start a new run")
+    return schema_by_id(recorded)
+
+
 def save_agent(model: BaseAlgorithm, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """What resuming needs, as data: the policy's weights and the optimiser's tensors (safetensors), the counters,
     the optimiser's settings and the network's config (JSON, written last: a checkpoint whose JSON is there is
@@ -57,6 +78,7 @@ def save_agent(model: BaseAlgorithm, path: str | Path, extra: dict[str, Any] | N
 
     tensor_path, json_path = checkpoint_files(path)
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    schema_id = agent_schema(model).id
     policy = model.policy
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # SB3 shares the features extractor between actor and critic: store it once
@@ -78,8 +100,8 @@ def save_agent(model: BaseAlgorithm, path: str | Path, extra: dict[str, Any] | N
                 scalars.setdefault(str(index), {})[key] = value
     tmp_tensors = tensor_path.with_suffix(".safetensors.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp_tensors),
-              metadata={"format": CHECKPOINT_FORMAT, "schema_id": SCHEMA_ID})
-    record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "schema_id": SCHEMA_ID,
+              metadata={"format": CHECKPOINT_FORMAT, "schema_id": schema_id})
+    record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "schema_id": schema_id,
               "tensors_sha256": _sha256(tmp_tensors),
               "algo": type(model).__name__.lower(), "action_mode": getattr(policy, "action_mode", None),
               "num_timesteps": int(model.num_timesteps), "n_updates": int(getattr(model, "_n_updates", 0)),
@@ -105,9 +127,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_agent_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the record of an agent checkpoint written by `save_agent`, checked; an SB3 zip (a pickle) is
-    refused, never opened."""
+def read_agent_checkpoint(path: str | Path, schema: FeatureSchema | None = None
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the record of an agent checkpoint written by `save_agent`, checked (its feature schema
+    registered and, given the env's `schema`, that one); an SB3 zip (a pickle) is refused, never opened."""
     from safetensors import safe_open
 
     if Path(path).suffix == ".zip":
@@ -123,9 +146,7 @@ def read_agent_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     if record.get("format") != CHECKPOINT_FORMAT or record.get("format_version") != CHECKPOINT_VERSION:
         raise ValueError(f"{json_path}: not a {CHECKPOINT_FORMAT} version {CHECKPOINT_VERSION} record "
                          f"(format={record.get('format')!r}, version={record.get('format_version')!r})")
-    if record.get("schema_id") != SCHEMA_ID:
-        raise ValueError(f"{json_path}: trained on feature schema {record.get('schema_id')!r}, this blockreuse "
-                         f"computes {SCHEMA_ID!r}; start a new run instead of resuming")
+    check_agent_schema(record, json_path, schema)
     for key in ("num_timesteps", "n_updates"):
         if not isinstance(record.get(key), int) or record[key] < 0:
             raise ValueError(f"{json_path}: {key}={record.get(key)!r} must be a count; the record is corrupt")
@@ -226,8 +247,12 @@ def evaluate_exported(path: str | Path, env: Any, budgets: Sequence[float | None
                       references: list[list[int]] | None = None) -> dict[str, Any]:
     """Exact match, agreement with the no-cache answer and FLOP fraction of the exported policy at `path`, run with
     `generate()` on every prompt of `env.prompts` (the env supplies the model, decoding settings and the task's exact
-    match rule), once per budget. Returns {"budgets": [{budget, exact_match, agreement, flop_fraction}], ...}."""
+    match rule), once per budget. Returns {"budgets": [{budget, exact_match, agreement, flop_fraction}], ...}.
+    An image env evaluates itself (`ImageReuseEnv.evaluate_exported`: agreement from PSNR, no exact match)."""
     from cache_core.generate import generate
+
+    if hasattr(env, "evaluate_exported"):
+        return env.evaluate_exported(str(path), list(budgets), batch_size, references)
 
     items = [env.prompts[i] for i in range(len(env.prompts))]
     gen = dict(gen_length=env.gen_length, block_length=env.block_length, steps=env.steps, threshold=env.threshold,

@@ -14,9 +14,9 @@ the ONNX export runs it on any (B, n_blocks, F) input, like the supervised predi
 
 SB3 still hands tensors between its modules flat, so the extractor emits per block [encoding (H), valid, free]
 flattened to (B, nb * (H + 2)) and the heads reshape it back. `valid` marks real blocks (padding rows of the env's
-observation); `free` = valid and not the decoding block. Blocks that are not free get a fixed "reuse" action with
-(numerically) probability 1: the cache always computes the decoding block and ignores padding rows, so their action
-changes nothing and must not add noise to the policy gradient or entropy.
+observation); `free` = valid and not forced (the schema's forced column; text: the decoding block). Blocks that are
+not free get a fixed "reuse" action with (numerically) probability 1: the cache always computes the decoding block and
+ignores padding rows, so their action changes nothing and must not add noise to the policy gradient or entropy.
 
 Actions (as the env reads them): binary mode, `BernoulliDistribution` over k = 1 logit per block (1 = refresh);
 depth mode, `MultiCategoricalDistribution` over k = L + 1 logits per block (0 = reuse, j = refresh the top j layers).
@@ -37,10 +37,11 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from cache_core.features import BLOCK_FEATURE_NAMES, policy_input
+from cache_core.features import TEXT_SCHEMA, FeatureSchema, policy_input, schema_by_id
 
-IS_DECODING = BLOCK_FEATURE_NAMES.index("is_decoding")
-VALID_FRACTION = BLOCK_FEATURE_NAMES.index("valid_fraction")
+# The text schema's indices, for existing imports; the networks read their own schema.
+IS_DECODING = TEXT_SCHEMA.block_index(TEXT_SCHEMA.forced)
+VALID_FRACTION = TEXT_SCHEMA.block_index(TEXT_SCHEMA.valid)
 MASKED_LOGIT = 30.0  # |logit| that pins a non-free block to "reuse" (probability 1 - 1e-13)
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -58,23 +59,31 @@ class BlockEncoderExtractor(BaseFeaturesExtractor):
 
     `predictor` is a `policies.predictor.BlockPredictor(in_features, hidden, arch, n_outputs)` like the supervised
     one, so a supervised checkpoint loads into it (`policies.rl.warm_start`); only its `encode` is used here.
+    schema_id: the env's feature schema (`env.schema.id`), whose widths the observation space must have.
     """
 
     def __init__(self, observation_space: spaces.Dict, hidden: int = 64, arch: str = "mlp",
-                 predictor_kwargs: dict[str, Any] | None = None):
+                 predictor_kwargs: dict[str, Any] | None = None, schema_id: str = TEXT_SCHEMA.id):
         from policies.predictor import BlockPredictor
 
+        schema: FeatureSchema = schema_by_id(schema_id)
         max_blocks, n_block = observation_space["blocks"].shape
         n_global = observation_space["global"].shape[0]
+        if (n_block, n_global) != (schema.n_block, schema.n_global):
+            raise ValueError(f"the observation has {n_block} block and {n_global} global features, feature schema "
+                             f"{schema.id!r} has {schema.n_block} and {schema.n_global}; build the "
+                             "agent with the env's schema (env.schema)")
         super().__init__(observation_space, features_dim=max_blocks * (hidden + 2))
         self.hidden, self.max_blocks, self.in_features = int(hidden), int(max_blocks), int(n_block + n_global)
+        self.schema = schema
+        self.forced = schema.block_index(schema.forced)
         self.predictor = BlockPredictor(self.in_features, self.hidden, arch=arch, n_outputs=1,
-                                        **(predictor_kwargs or {}))
+                                        **(predictor_kwargs or {}), schema_id=schema.id)
 
     def encode_blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, nb, F), (B, nb) bool -> (B, nb, H + 2): [encoding, valid, free] per block, for any nb."""
         h = self.predictor.encode(x, valid) * valid[..., None]
-        free = valid & (x[..., IS_DECODING] < 0.5)
+        free = valid & (x[..., self.forced] < 0.5)
         return torch.cat([h, valid[..., None].to(h.dtype), free[..., None].to(h.dtype)], dim=-1)
 
     def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -216,8 +225,9 @@ class PerBlockActorCriticPolicy(ActorCriticPolicy):
 
 class ExportedActor(nn.Module):
     """The deterministic policy as a network over the feature schema's policy input, for `export_onnx`:
-    (B, nb, F_b + F_g) -> action logits (B, nb, A). Real blocks are those with valid_fraction > 0 (the env's padding
-    rows are all-zero; in a batched `generate()` a block of pure left padding is never computed either)."""
+    (B, nb, F_b + F_g) -> action logits (B, nb, A). Real blocks are those whose schema's valid column is > 0 (the
+    env's padding rows are all-zero; in a batched `generate()` a block of pure left padding is never computed
+    either). `schema` is the agent's (its extractor's), which the exported manifest records."""
 
     def __init__(self, policy: PerBlockActorCriticPolicy):
         super().__init__()
@@ -225,9 +235,11 @@ class ExportedActor(nn.Module):
         self.trunk = policy.mlp_extractor
         self.head = policy.action_net
         self.binary = policy.action_mode == "binary"
+        self.schema: FeatureSchema = self.extractor.schema
+        self.valid = self.schema.block_index(self.schema.valid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        valid = x[..., VALID_FRACTION] > 0
+        valid = x[..., self.valid] > 0
         logits = self.head.block_logits(self.trunk.actor_blocks(self.extractor.encode_blocks(x, valid)))
         if self.binary:  # Bernoulli logit l -> [0, l]: argmax is 1 iff l > 0, SB3's mode round(sigmoid(l))
             logits = torch.cat([torch.zeros_like(logits), logits], dim=-1)

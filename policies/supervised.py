@@ -40,24 +40,32 @@ import torch.nn.functional as F
 
 from cache_core.actions import check_action_mode, n_actions, oracle_actions, refresh_probability
 from cache_core.bench import tracking
-from cache_core.features import BLOCK_FEATURE_NAMES
+from cache_core.features import TEXT_SCHEMA, FeatureSchema, schema_by_id
 from policies.config import LABEL_WEIGHTINGS, PolicyConfig, RootConfig, check_epsilon
-from policies.data import BUDGET_COLUMN, ShardDataModule, budget_of_epsilon
+from policies.data import ShardDataModule, budget_of_epsilon
 from policies.predictor import BlockPredictor, TorchPolicy
 
 log = logging.getLogger(__name__)
-ATTENTION_MASS = BLOCK_FEATURE_NAMES.index("attention_mass")
+ATTENTION_MASS = TEXT_SCHEMA.block_index(TEXT_SCHEMA.attention)  # the text schema's, for existing imports
+
+
+def check_label_weighting(weighting: str, schema: FeatureSchema) -> None:
+    """`attention` weighting reads the schema's attention column: refuse it for a schema without one."""
+    if weighting == "attention" and schema.attention is None:
+        raise ValueError(f"policy.label_weighting=attention needs an attention-mass feature, and feature schema "
+                         f"{schema.id!r} ({schema.family} family) has none; set policy.label_weighting=none")
 
 
 def label_drift(drift: torch.Tensor, x: torch.Tensor, block_mask: torch.Tensor, weighting: str = "none",
-                power: float = 1.0) -> torch.Tensor:
+                power: float = 1.0, schema: FeatureSchema = TEXT_SCHEMA) -> torch.Tensor:
     """The drift the labels threshold. `attention` weighting scales it by the block's share of the decoding queries'
     attention relative to uniform, (attention_mass * real blocks) ** power: a stale block the decoding block barely
     reads matters less than one it reads a lot (a cheap stand-in for the block's effect on the predictions; the
-    oracle itself thresholds plain drift)."""
+    oracle itself thresholds plain drift). schema: the feature schema of x (its attention column)."""
     if weighting == "none":
         return drift
-    share = x[..., ATTENTION_MASS] * block_mask.sum(-1, keepdim=True)
+    check_label_weighting(weighting, schema)
+    share = x[..., schema.block_index(schema.attention)] * block_mask.sum(-1, keepdim=True)
     return drift * (share.clamp(min=1e-3) ** power)[..., None]
 
 
@@ -70,18 +78,22 @@ class SupervisedPredictor(L.LightningModule):
                  threshold: float = 0.5, budget_conditioned: bool = False,
                  budget_epsilons: list[float] | None = None, budgets: list[float] | None = None,
                  nominal_budget: float = 1.0, ignore_features: list[str] | None = None,
-                 label_weighting: str = "none", attention_power: float = 1.0):
+                 label_weighting: str = "none", attention_power: float = 1.0, schema_id: str = TEXT_SCHEMA.id):
         super().__init__()
         check_action_mode(action_mode)
         check_epsilon("policy.epsilon", epsilon)
         if label_weighting not in LABEL_WEIGHTINGS:
             raise ValueError(f"policy.label_weighting={label_weighting!r}; choose one of {list(LABEL_WEIGHTINGS)}")
+        schema = schema_by_id(schema_id)  # the shards' schema: the network's input and the role columns
+        check_label_weighting(label_weighting, schema)
         if budget_conditioned and (not budget_epsilons or not budgets or len(budget_epsilons) != len(budgets)):
             raise ValueError("a budget-conditioned predictor needs policy.budget_epsilons and their budgets")
         self.save_hyperparameters()
         n_outputs = 1 if action_mode == "binary" else n_actions(action_mode, n_layers)
         self.net = BlockPredictor(hidden=hidden, arch=arch, n_outputs=n_outputs, n_layers_attn=n_layers_attn,
-                                  n_heads=n_heads, dropout=dropout, ignore_features=tuple(ignore_features or ()))
+                                  n_heads=n_heads, dropout=dropout, ignore_features=tuple(ignore_features or ()),
+                                  schema_id=schema.id)
+        self.budget_column = schema.input_index(schema.budget)
         self.output = "refresh_logit" if action_mode == "binary" else "action_logits"
         from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
@@ -102,13 +114,14 @@ class SupervisedPredictor(L.LightningModule):
         if train:
             index = torch.randint(len(hp.budget_epsilons), (x.shape[0],), device=x.device)
             eps = torch.tensor(hp.budget_epsilons, device=x.device, dtype=x.dtype)[index]
-            x[..., BUDGET_COLUMN] = torch.tensor(hp.budgets, device=x.device, dtype=x.dtype)[index][:, None]
+            x[..., self.budget_column] = torch.tensor(hp.budgets, device=x.device, dtype=x.dtype)[index][:, None]
             return x, eps
-        x[..., BUDGET_COLUMN] = hp.nominal_budget
+        x[..., self.budget_column] = hp.nominal_budget
         return x, hp.epsilon
 
     def label_drift(self, drift: torch.Tensor, x: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
-        return label_drift(drift, x, block_mask, self.hparams.label_weighting, self.hparams.attention_power)
+        return label_drift(drift, x, block_mask, self.hparams.label_weighting, self.hparams.attention_power,
+                           self.net.schema)
 
     def _step(self, batch: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                          torch.Tensor]:
@@ -278,8 +291,9 @@ def atomic_checkpoint(**kwargs: Any) -> L.Callback:
 def build_module(pcfg: PolicyConfig, dm: ShardDataModule) -> SupervisedPredictor:
     """The LightningModule for these shards: pos_weight and budgets measured on the training rows."""
     train = dm.subset(dm.train_index)
+    schema = dm.schema
     weighting, power = pcfg.label_weighting, float(pcfg.attention_power)
-    drift = label_drift(train["drift"], train["x"], train["block_mask"], weighting, power)
+    drift = label_drift(train["drift"], train["x"], train["block_mask"], weighting, power, schema)
     pos_weight = pcfg.pos_weight
     if pos_weight == "auto":
         labels = oracle_actions(drift, float(pcfg.epsilon), "binary").float()[train["loss_mask"]]
@@ -291,21 +305,21 @@ def build_module(pcfg: PolicyConfig, dm: ShardDataModule) -> SupervisedPredictor
     epsilons, budgets, nominal = None, None, 1.0
     if pcfg.budget_conditioned:
         epsilons = [float(e) for e in pcfg.budget_epsilons]
-        budgets = budget_of_epsilon(drift, train["x"], train["loss_mask"], train["block_mask"], epsilons)
+        budgets = budget_of_epsilon(drift, train["x"], train["loss_mask"], train["block_mask"], epsilons, schema)
         nominal = budget_of_epsilon(drift, train["x"], train["loss_mask"], train["block_mask"],
-                                    [float(pcfg.epsilon)])[0]
+                                    [float(pcfg.epsilon)], schema)[0]
         log.info("budget conditioning: epsilon -> oracle FLOP fraction %s",
                  {e: round(b, 3) for e, b in zip(epsilons, budgets)})
     ignore = list(pcfg.ignore_features)
-    if not pcfg.budget_conditioned and "budget" not in ignore:
-        ignore.append("budget")  # constant in the data; ignoring it keeps generate(budget=...) from steering the net
+    if not pcfg.budget_conditioned and schema.budget not in ignore:
+        ignore.append(schema.budget)  # constant in the data; ignored, generate(budget=...) cannot steer the net
     return SupervisedPredictor(
         n_layers=dm.n_layers, ignore_features=ignore, action_mode=pcfg.action_mode, arch=pcfg.arch,
         hidden=pcfg.hidden, n_layers_attn=pcfg.n_layers_attn, n_heads=pcfg.n_heads, dropout=float(pcfg.dropout),
         epsilon=float(pcfg.epsilon), lr=float(pcfg.lr), weight_decay=float(pcfg.weight_decay),
         pos_weight=None if pos_weight is None else float(pos_weight), threshold=float(pcfg.threshold),
         budget_conditioned=pcfg.budget_conditioned, budget_epsilons=epsilons, budgets=budgets,
-        nominal_budget=nominal, label_weighting=weighting, attention_power=power,
+        nominal_budget=nominal, label_weighting=weighting, attention_power=power, schema_id=schema.id,
     )
 
 

@@ -215,7 +215,8 @@ def test_python_m_cache_core_prints_without_warnings():
     result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "cache_core"], capture_output=True,
                             text=True, cwd=REPO)
     assert result.returncode == 0 and "RuntimeWarning" not in result.stderr, result.stderr
-    assert "Schema id: " + SCHEMA_ID in result.stdout
+    assert f"Schema id (text family): {SCHEMA_ID}" in result.stdout
+    assert "Schema id (image family): dit-v1:" in result.stdout and "teacache(threshold)" in result.stdout
 
 
 def test_a_train_py_error_is_not_buried_under_the_config(tmp_path):

@@ -44,15 +44,17 @@ class PolicySpec:
         return self.family if self.knob is None else f"{self.family}({self.knob}={self.value})"
 
 
-def heuristic_specs(names: Sequence[str] | None = None, include_oracle: bool = True) -> list[PolicySpec]:
-    """Every registered heuristic across its knob sweep (conservative -> aggressive), the oracle last."""
-    registry = policy_registry()
+def heuristic_specs(names: Sequence[str] | None = None, include_oracle: bool = True, modality: str = "text"
+                    ) -> list[PolicySpec]:
+    """Every registered heuristic of a modality ("text" or "image") across its knob sweep (conservative ->
+    aggressive), the oracle last."""
+    registry = {n: cls for n, cls in policy_registry().items() if modality in cls.modalities}
     names = list(names) if names is not None else [n for n in registry if n != "oracle"]
     if include_oracle and "oracle" not in names:
         names.append("oracle")
     unknown = [n for n in names if n not in registry]
     if unknown:
-        raise ValueError(f"unknown policies {unknown}; choose from {sorted(registry)}")
+        raise ValueError(f"unknown policies {unknown} for {modality} models; choose from {sorted(registry)}")
     specs = []
     for name in names:
         cls = registry[name]

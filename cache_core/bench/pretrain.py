@@ -289,6 +289,10 @@ def run(cfg: Any) -> dict[str, Any]:
     <pretrain.output_dir>/<pretrain.name>/; return metrics."""
     from cache_core.bench import tracking
 
+    if getattr(cfg.model, "family", None) == "dit":  # experiment=dit: the image family's recipe
+        from cache_core.bench.dit_pretrain import run as run_image
+
+        return run_image(cfg)
     pcfg, tcfg = cfg.pretrain, cfg.task
     L.seed_everything(pcfg.seed, workers=True, verbose=False)
     tok = Tokenizer()

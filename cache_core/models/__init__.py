@@ -9,16 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from cache_core.models.base import DiffusionModel, ModelFacts, PartialForwardTrace, check_trace_attention
+from cache_core.models.dit import DiTConfig, DiTModel
 from cache_core.models.dream import DreamModel
 from cache_core.models.hf_layout import DecoderConfig
 from cache_core.models.llada import LLaDAModel, ModelConfig
 from cache_core.models.llada_moe import MOE_KEYS, LLaDAMoEModel, MoEConfig
 
 # Family name -> class. `family_of` maps a config.json's model_type onto these.
-FAMILIES: dict[str, type[DiffusionModel]] = {"llada": LLaDAModel, "dream": DreamModel, "llada_moe": LLaDAMoEModel}
+FAMILIES: dict[str, type[DiffusionModel]] = {"llada": LLaDAModel, "dream": DreamModel, "llada_moe": LLaDAMoEModel,
+                                             "dit": DiTModel}
 # model_type spellings seen in released configs. A config without model_type is one of our checkpoints written before
 # the key was recorded, which are LLaDA-layout.
-MODEL_TYPES = {"llada": "llada", "dream": "dream", "llada_moe": "llada_moe", "lladamoe": "llada_moe"}
+MODEL_TYPES = {"llada": "llada", "dream": "dream", "llada_moe": "llada_moe", "lladamoe": "llada_moe", "dit": "dit"}
 DEFAULT_MODEL_TYPE = "llada"
 
 
@@ -36,6 +38,6 @@ def family_of(raw: dict[str, Any], source: str) -> type[DiffusionModel]:
     return FAMILIES[key]
 
 
-__all__ = ["DEFAULT_MODEL_TYPE", "FAMILIES", "DecoderConfig", "DiffusionModel", "DreamModel", "LLaDAMoEModel",
-           "LLaDAModel", "MoEConfig", "ModelConfig", "ModelFacts", "PartialForwardTrace", "check_trace_attention",
-           "family_of"]
+__all__ = ["DEFAULT_MODEL_TYPE", "FAMILIES", "DecoderConfig", "DiTConfig", "DiTModel", "DiffusionModel", "DreamModel",
+           "LLaDAMoEModel", "LLaDAModel", "MoEConfig", "ModelConfig", "ModelFacts", "PartialForwardTrace",
+           "check_trace_attention", "family_of"]
