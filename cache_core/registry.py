@@ -24,12 +24,14 @@ def register_policy(cls: type[ReusePolicy]) -> type[ReusePolicy]:
     return cls
 
 
-def policy_registry() -> dict[str, type[ReusePolicy]]:
-    """Name -> class of every registered policy (the oracle last)."""
+def policy_registry(modality: str | None = None) -> dict[str, type[ReusePolicy]]:
+    """Name -> class of every registered policy (the oracle last); with `modality` ("text" or "image") only the
+    policies that run on that family's cache (`ReusePolicy.modalities`)."""
     from cache_core import heuristics, oracle  # noqa: F401  (their classes register on import)
     from cache_core.image import heuristics as image_heuristics  # noqa: F401
 
-    return dict(sorted(_REGISTRY.items(), key=lambda kv: kv[0] == "oracle"))
+    chosen = {n: c for n, c in _REGISTRY.items() if modality is None or modality in c.modalities}
+    return dict(sorted(chosen.items(), key=lambda kv: kv[0] == "oracle"))
 
 
 def check_policy_name(key: str, name: str, files: bool = True) -> str:

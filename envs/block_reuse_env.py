@@ -66,7 +66,72 @@ ENV_ID = "blockreuse/BlockReuse-v0"
 ACTION_MODES = codec.ACTION_MODES
 
 
-class BlockReuseEnv(gym.Env):
+class ReuseEnvBase(gym.Env):
+    """What the text and the image env share: spaces from the feature schema, the episode's prompt and budget, the
+    hook of the policy that proposed an action, the timings. A subclass sets `schema`, `max_blocks`, `n_layers`,
+    `action_mode`, `prompts`, `prompt_order` and `budget_range`, and builds its session in `reset`."""
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def _build_spaces(self) -> None:
+        schema = self.schema
+        block_low = np.array([c.low for c in schema.block_columns], np.float32)
+        block_high = np.array([c.high for c in schema.block_columns], np.float32)
+        self._block_low = np.broadcast_to(block_low, (self.max_blocks, schema.n_block)).copy()
+        self._block_high = np.broadcast_to(block_high, (self.max_blocks, schema.n_block)).copy()
+        self._global_low = np.array([c.low for c in schema.global_columns], np.float32)
+        self._global_high = np.array([c.high for c in schema.global_columns], np.float32)
+        self.observation_space = spaces.Dict({
+            "blocks": spaces.Box(self._block_low, self._block_high, dtype=np.float32),
+            "block_mask": spaces.MultiBinary(self.max_blocks),
+            "global": spaces.Box(self._global_low, self._global_high, dtype=np.float32),
+        })
+        if self.action_mode == "binary":
+            self.action_space = spaces.MultiBinary(self.max_blocks)
+        else:
+            n = codec.n_actions(self.action_mode, self.n_layers)
+            self.action_space = spaces.MultiDiscrete(np.full(self.max_blocks, n, dtype=np.int64))
+
+    def _start_episode(self, seed: int | None, options: dict[str, Any]) -> int:
+        """The episode's prompt index (options' prompt_index, the cycle, or a seeded draw); sets self.budget (options'
+        budget, or a draw from budget_range) and self.prompt_index."""
+        if seed is not None:
+            self._cursor = 0
+        if options.get("prompt_index") is not None:
+            index = int(options["prompt_index"])
+            if not 0 <= index < len(self.prompts):
+                raise ValueError(f"prompt_index={index} outside [0, {len(self.prompts)})")
+        elif self.prompt_order == "cycle":
+            index = self._cursor % len(self.prompts)
+            self._cursor += 1
+        else:
+            index = int(self.np_random.integers(len(self.prompts)))
+        if options.get("budget") is not None:
+            self.budget = parse_budget(options["budget"], "reset option budget")[0]
+        elif self.budget_range is None:
+            self.budget = None
+        else:
+            lo, hi = self.budget_range
+            self.budget = lo if lo == hi else float(self.np_random.uniform(lo, hi))
+        self.prompt_index = index
+        self._consulted = None
+        return index
+
+    def _tell_consulted(self, result: Any) -> None:
+        """The policy that proposed this step's action (`policy_action`) sees what ran: its on_step_end hook."""
+        if self._consulted is not None:
+            policy, ctx = self._consulted
+            self._consulted = None
+            policy.on_step_end(ctx, result)
+
+    def _budget_value(self) -> float:
+        return 1.0 if self.budget is None else float(self.budget)
+
+    def reset_timings(self) -> None:
+        self.timings = _zero_timings()
+
+
+class BlockReuseEnv(ReuseEnvBase):
     """Per-block KV-cache reuse decisions of a masked-diffusion LM, one denoising step per env step.
 
     model: a loaded `DiffusionModel` (else `model_path` is loaded); prompts: a `PromptSet` or (prompt_ids,
@@ -74,7 +139,6 @@ class BlockReuseEnv(gym.Env):
     config: an `EnvConfig`, or its fields as keyword settings (the reward weights as w_* keys).
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
     schema: FeatureSchema = TEXT_SCHEMA  # the observation's columns; a subclass for another model family overrides it
 
     def __init__(self, model: DiffusionModel | None = None, prompts: PromptSet | Sequence[Any] | None = None, *,
@@ -112,25 +176,6 @@ class BlockReuseEnv(gym.Env):
         self._reference: dict[int, torch.Tensor] = {}  # prompt index -> no-cache answer
         self.timings = _zero_timings()
 
-    def _build_spaces(self) -> None:
-        schema = self.schema
-        block_low = np.array([c.low for c in schema.block_columns], np.float32)
-        block_high = np.array([c.high for c in schema.block_columns], np.float32)
-        self._block_low = np.broadcast_to(block_low, (self.max_blocks, schema.n_block)).copy()
-        self._block_high = np.broadcast_to(block_high, (self.max_blocks, schema.n_block)).copy()
-        self._global_low = np.array([c.low for c in schema.global_columns], np.float32)
-        self._global_high = np.array([c.high for c in schema.global_columns], np.float32)
-        self.observation_space = spaces.Dict({
-            "blocks": spaces.Box(self._block_low, self._block_high, dtype=np.float32),
-            "block_mask": spaces.MultiBinary(self.max_blocks),
-            "global": spaces.Box(self._global_low, self._global_high, dtype=np.float32),
-        })
-        if self.action_mode == "binary":
-            self.action_space = spaces.MultiBinary(self.max_blocks)
-        else:
-            n = codec.n_actions(self.action_mode, self.n_layers)
-            self.action_space = spaces.MultiDiscrete(np.full(self.max_blocks, n, dtype=np.int64))
-
     # ----------------------------------------------------------------------------------------------------------
     @property
     def weights(self) -> dict[str, float]:
@@ -143,28 +188,9 @@ class BlockReuseEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         t0 = time.perf_counter()
-        options = dict(options or {})
-        if seed is not None:
-            self._cursor = 0
-        if options.get("prompt_index") is not None:
-            index = int(options["prompt_index"])
-            if not 0 <= index < len(self.prompts):
-                raise ValueError(f"prompt_index={index} outside [0, {len(self.prompts)})")
-        elif self.prompt_order == "cycle":
-            index = self._cursor % len(self.prompts)
-            self._cursor += 1
-        else:
-            index = int(self.np_random.integers(len(self.prompts)))
-        if options.get("budget") is not None:
-            self.budget = parse_budget(options["budget"], "reset option budget")[0]
-        elif self.budget_range is None:
-            self.budget = None
-        else:
-            lo, hi = self.budget_range
-            self.budget = lo if lo == hi else float(self.np_random.uniform(lo, hi))
+        index = self._start_episode(seed, dict(options or {}))
         session_seed = int(self.np_random.integers(2**31 - 1))
 
-        self.prompt_index = index
         item = self.prompts[index]
         self.session = DecodingSession(
             self.model, [list(item.prompt_ids)], self.gen_length, self.block_length, self.steps,
@@ -173,7 +199,6 @@ class BlockReuseEnv(gym.Env):
         )
         self._offset = self.max_blocks - self.session.n_blocks
         self._shadow_step = -1
-        self._consulted = None
         self.timings["reset_s"] += time.perf_counter() - t0
         obs = self._observe()
         info = {"prompt_index": index, "budget": self._budget_value(), "n_blocks": self.session.n_blocks,
@@ -193,10 +218,7 @@ class BlockReuseEnv(gym.Env):
         t1 = time.perf_counter()
         result = s.step(plan)
         self.timings["session_step_s"] += time.perf_counter() - t1
-        if self._consulted is not None:  # the policy that proposed this step's action sees what ran
-            policy, ctx = self._consulted
-            self._consulted = None
-            policy.on_step_end(ctx, result)
+        self._tell_consulted(result)
 
         record = result.record
         info: dict[str, Any] = {
@@ -294,13 +316,7 @@ class BlockReuseEnv(gym.Env):
             "drift_cap": self.drift_cap, "prompts": self.prompts.describe(), **self.weights,
         }
 
-    def reset_timings(self) -> None:
-        self.timings = _zero_timings()
-
     # --- internals ------------------------------------------------------------------------------------------------
-    def _budget_value(self) -> float:
-        return 1.0 if self.budget is None else float(self.budget)
-
     def _observe(self) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         f = self.session.features(self.budget)

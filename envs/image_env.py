@@ -31,7 +31,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 
 from cache_core import actions as codec
 from cache_core import validate as v
@@ -42,6 +41,7 @@ from cache_core.image.metrics import psnr
 from cache_core.image.sample import decide, sample_images
 from cache_core.image.session import DenoisingSession, ImageShadow, initial_noise, relative_error
 from cache_core.policy import ReusePolicy
+from envs.block_reuse_env import ReuseEnvBase, _zero_timings
 from envs.config import parse_budget
 
 IMAGE_ENV_ID = "blockreuse/ImageReuse-v0"
@@ -127,10 +127,9 @@ class ImagePromptSet:
         return {"source": "ImagePromptSet", "split": self.split, "size": len(self)}
 
 
-class ImageReuseEnv(gym.Env):
+class ImageReuseEnv(ReuseEnvBase):
     """Per-block reuse decisions of a DiT's block cache, one DDIM step per env step (see the module docstring)."""
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
     schema = IMAGE_SCHEMA
 
     def __init__(self, model: Any = None, *, config: ImageEnvConfig | None = None, render_mode: str | None = None,
@@ -159,23 +158,7 @@ class ImageReuseEnv(gym.Env):
         if n_tokens % cfg.block_length:
             raise ValueError(f"env.block_length={cfg.block_length} must divide the DiT's {n_tokens} patch tokens")
         self.max_blocks = n_tokens // cfg.block_length
-        s = self.schema
-        self._block_low = np.broadcast_to(np.array([c.low for c in s.block_columns], np.float32),
-                                          (self.max_blocks, s.n_block)).copy()
-        self._block_high = np.broadcast_to(np.array([c.high for c in s.block_columns], np.float32),
-                                           (self.max_blocks, s.n_block)).copy()
-        self._global_low = np.array([c.low for c in s.global_columns], np.float32)
-        self._global_high = np.array([c.high for c in s.global_columns], np.float32)
-        self.observation_space = spaces.Dict({
-            "blocks": spaces.Box(self._block_low, self._block_high, dtype=np.float32),
-            "block_mask": spaces.MultiBinary(self.max_blocks),
-            "global": spaces.Box(self._global_low, self._global_high, dtype=np.float32),
-        })
-        if self.action_mode == "binary":
-            self.action_space = spaces.MultiBinary(self.max_blocks)
-        else:
-            n = codec.n_actions(self.action_mode, self.n_layers)
-            self.action_space = spaces.MultiDiscrete(np.full(self.max_blocks, n, dtype=np.int64))
+        self._build_spaces()
         self.session: DenoisingSession | None = None
         self.features_: StepFeatures | None = None
         self.budget: float | None = None
@@ -183,37 +166,16 @@ class ImageReuseEnv(gym.Env):
         self._cursor = 0
         self._consulted: tuple[ReusePolicy, Any] | None = None
         self._reference: dict[int, torch.Tensor] = {}
-        self.timings = {"reset_s": 0.0, "env_step_s": 0.0, "session_step_s": 0.0, "shadow_s": 0.0,
-                        "features_s": 0.0, "reference_s": 0.0, "steps": 0}
+        self.timings = _zero_timings()
 
     # ----------------------------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         t0 = time.perf_counter()
-        options = dict(options or {})
-        if seed is not None:
-            self._cursor = 0
-        if options.get("prompt_index") is not None:
-            index = int(options["prompt_index"])
-            if not 0 <= index < len(self.prompts):
-                raise ValueError(f"prompt_index={index} outside [0, {len(self.prompts)})")
-        elif self.prompt_order == "cycle":
-            index = self._cursor % len(self.prompts)
-            self._cursor += 1
-        else:
-            index = int(self.np_random.integers(len(self.prompts)))
-        if options.get("budget") is not None:
-            self.budget = parse_budget(options["budget"], "reset option budget")[0]
-        elif self.budget_range is None:
-            self.budget = None
-        else:
-            lo, hi = self.budget_range
-            self.budget = lo if lo == hi else float(self.np_random.uniform(lo, hi))
-        self.prompt_index = index
+        index = self._start_episode(seed, dict(options or {}))
         item = self.prompts[index]
         self.session = DenoisingSession(self.model, [item.label], self.steps, block_size=self.block_length,
                                         seed=item.seed)
-        self._consulted = None
         self.timings["reset_s"] += time.perf_counter() - t0
         info = {"prompt_index": index, "budget": self._budget_value(), "n_blocks": self.max_blocks, "task": item.task}
         return self._observe(), info
@@ -229,10 +191,7 @@ class ImageReuseEnv(gym.Env):
         t1 = time.perf_counter()
         result = s.step(plan)
         self.timings["session_step_s"] += time.perf_counter() - t1
-        if self._consulted is not None:
-            policy, ctx = self._consulted
-            self._consulted = None
-            policy.on_step_end(ctx, result)
+        self._tell_consulted(result)
         record, w = result.record, self.config
         fraction = record.flops / record.full_flops
         info: dict[str, Any] = {
@@ -351,9 +310,6 @@ class ImageReuseEnv(gym.Env):
                 **{k: getattr(self.config, k) for k in ("w_flops", "w_error", "w_psnr", "w_budget")}}
 
     # --- internals ------------------------------------------------------------------------------------------------
-    def _budget_value(self) -> float:
-        return 1.0 if self.budget is None else float(self.budget)
-
     def _observe(self) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         f = self.session.features(self.budget)

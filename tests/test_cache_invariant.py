@@ -104,7 +104,7 @@ def test_sampling_with_temperature_is_seeded() -> None:
 BATCH_LENGTHS = [3, 10, 6]
 
 
-@pytest.mark.parametrize("policy", sorted(policy_registry()))
+@pytest.mark.parametrize("policy", sorted(policy_registry("text")))
 def test_batch_equals_rows_alone(policy: str) -> None:
     model = tiny_model(11, n_kv_heads=2)
     prompts = random_prompts(BATCH_LENGTHS, 11)

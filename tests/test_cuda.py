@@ -25,7 +25,7 @@ def models():
     return cpu, tiny_model(5, n_kv_heads=2).cuda()
 
 
-@pytest.mark.parametrize("name", sorted(policy_registry()))
+@pytest.mark.parametrize("name", sorted(policy_registry("text")))
 def test_policy_decodes_on_cuda_like_on_cpu(models, name: str) -> None:
     cpu, gpu = models
     prompts = random_prompts([6, 13, 2], 5)
@@ -86,3 +86,27 @@ def test_runtime_parts_on_cuda_match_the_cpu(models) -> None:
         out = generate(gpu, prompts, GEN, BLOCK, STEPS, memory={**memory, "prefetch": prefetch}, **kw)
         assert torch.equal(out.tokens.cpu(), ref.tokens)
         assert max(s.cache_bytes for s in out.stats.steps) <= budget
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_dit_block_cache_on_cuda_matches_the_cpu():
+    from cache_core.image import ddim_reference, sample_images
+    from cache_core.image.session import initial_noise
+    from cache_core.models.dit import DiTConfig, DiTModel
+
+    torch.manual_seed(0)
+    cpu = DiTModel(DiTConfig(d_model=32, n_layers=3, n_heads=2))
+    cpu.reset_parameters()
+    for p in cpu.parameters():
+        p.data.normal_(0, 0.1)
+    gpu = DiTModel(DiTConfig(d_model=32, n_layers=3, n_heads=2)).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    noise = initial_noise(cpu, 3, 1)
+    for policy, knobs in (("full", {}), ("fora", {"interval": 2}), ("toca", {"ratio": 0.5})):
+        ref = sample_images(cpu.eval(), [1, 2, 3], 8, policy=policy, noise=noise, **knobs)
+        out = sample_images(gpu.eval(), [1, 2, 3], 8, policy=policy, noise=noise.cuda(), **knobs)
+        assert out.images.device.type == "cuda"
+        torch.testing.assert_close(out.images.cpu(), ref.images, rtol=1e-3, atol=1e-3)
+        assert out.stats.flop_fraction == pytest.approx(ref.stats.flop_fraction)
+    full = sample_images(gpu, [1, 2, 3], 8, policy="full", noise=noise.cuda())
+    assert torch.equal(full.images, ddim_reference(gpu, [1, 2, 3], 8, noise.cuda()).clamp(-1, 1))

@@ -232,7 +232,7 @@ def test_dream_partial_forward_computes_the_position_before_the_block(family_dir
 
 def _policy_specs() -> list[tuple[str, dict]]:
     knobs = {"periodic": {"refresh_interval": 2}}
-    specs = [(name, knobs.get(name, {})) for name in sorted(policy_registry())]
+    specs = [(name, knobs.get(name, {})) for name in sorted(policy_registry("text"))]
     specs += [(str(REPO / "checkpoints" / "policies" / f"{name}.onnx"), {}) for name in ("predictor", "rl_agent")]
     return specs
 

@@ -29,7 +29,7 @@ def runs(model):
     out = {}
     for batch, lengths in LENGTHS.items():
         prompts = random_prompts(lengths, 5)
-        for name in policy_registry():
+        for name in policy_registry("text"):
             out[name, batch] = generate(model, prompts, GEN, BLOCK, STEPS, policy=name)
     return out
 
@@ -231,7 +231,7 @@ def test_describe_reports_knob() -> None:
     assert make_policy(p) is p
 
 
-@pytest.mark.parametrize("name", sorted(n for n, c in policy_registry().items() if c.knob is not None))
+@pytest.mark.parametrize("name", sorted(n for n, c in policy_registry("text").items() if c.knob is not None))
 def test_every_knob_can_be_set_through_generate(model, name: str) -> None:
     """generate(policy=name, **{knob: value}) must reach the policy (benchmarks sweep knob_sweep this way).
     ENGINE BUG: the `confidence` policy's knob is called `threshold`, the name of generate()'s own Fast-dLLM argument,

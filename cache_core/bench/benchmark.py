@@ -48,7 +48,7 @@ def heuristic_specs(names: Sequence[str] | None = None, include_oracle: bool = T
                     ) -> list[PolicySpec]:
     """Every registered heuristic of a modality ("text" or "image") across its knob sweep (conservative ->
     aggressive), the oracle last."""
-    registry = {n: cls for n, cls in policy_registry().items() if modality in cls.modalities}
+    registry = policy_registry(modality)
     names = list(names) if names is not None else [n for n in registry if n != "oracle"]
     if include_oracle and "oracle" not in names:
         names.append("oracle")
