@@ -68,8 +68,9 @@ ACTION_MODES = codec.ACTION_MODES
 
 class ReuseEnvBase(gym.Env):
     """What the text and the image env share: spaces from the feature schema, the episode's prompt and budget, the
-    hook of the policy that proposed an action, the timings. A subclass sets `schema`, `max_blocks`, `n_layers`,
-    `action_mode`, `prompts`, `prompt_order` and `budget_range`, and builds its session in `reset`."""
+    hook of the policy that proposed an action, the oracle's labels and action, the timings. A subclass sets
+    `schema`, `_decide` (its family's `decide`), `max_blocks`, `n_layers`, `action_mode`, `prompts`, `prompt_order`
+    and `budget_range`, implements `plan_to_action`, `_shadow` and `_labels`, and builds its session in `reset`."""
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
@@ -91,6 +92,22 @@ class ReuseEnvBase(gym.Env):
         else:
             n = codec.n_actions(self.action_mode, self.n_layers)
             self.action_space = spaces.MultiDiscrete(np.full(self.max_blocks, n, dtype=np.int64))
+
+    def policy_action(self, policy: ReusePolicy) -> np.ndarray:
+        """What a `ReusePolicy` would do in the current state, as an action. The policy is driven as `generate()`
+        drives it (its block-start hook first; call policy.reset(1) per episode) and its `on_step_end` hook runs
+        after the next `step`, whichever action that step takes."""
+        plan, ctx = self._decide(policy, self.session, self.budget, features=self.features_)
+        self._consulted = (policy, ctx)
+        return self.plan_to_action(plan)
+
+    def oracle_labels(self) -> np.ndarray:
+        """(max_blocks, n_layers) oracle drift of the current state (one shadow forward, cached for the step)."""
+        return self._labels(self._shadow().drift)
+
+    def oracle_action(self, epsilon: float) -> np.ndarray:
+        """The action `OraclePolicy(epsilon, depth=action_mode == 'depth')` takes in the current state."""
+        return labels_to_action(self.oracle_labels(), epsilon, self.action_mode, self.action_space.dtype)
 
     def _start_episode(self, seed: int | None, options: dict[str, Any]) -> int:
         """The episode's prompt index (options' prompt_index, the cycle, or a seeded draw); sets self.budget (options'
@@ -140,6 +157,7 @@ class BlockReuseEnv(ReuseEnvBase):
     """
 
     schema: FeatureSchema = TEXT_SCHEMA  # the observation's columns; a subclass for another model family overrides it
+    _decide = staticmethod(decide)  # how a policy is asked for a plan on this family's session
 
     def __init__(self, model: DiffusionModel | None = None, prompts: PromptSet | Sequence[Any] | None = None, *,
                  tokenizer: Any | None = None, config: EnvConfig | None = None, render_mode: str | None = None,
@@ -275,22 +293,6 @@ class BlockReuseEnv(ReuseEnvBase):
 
     def policy_context(self) -> StepContext:
         return StepContext.of(self.session, self.budget)
-
-    def policy_action(self, policy: ReusePolicy) -> np.ndarray:
-        """What a `ReusePolicy` would do in the current state, as an action. The policy is driven as `generate()`
-        drives it (its block-start hook first; call policy.reset(1) per episode) and its `on_step_end` hook runs
-        after the next `step`, whichever action that step takes."""
-        plan, ctx = decide(policy, self.session, self.budget, features=self.features_)
-        self._consulted = (policy, ctx)
-        return self.plan_to_action(plan)
-
-    def oracle_labels(self) -> np.ndarray:
-        """(max_blocks, n_layers) oracle drift of the current state (one shadow forward, cached for the step)."""
-        return self._labels(self._shadow().drift)
-
-    def oracle_action(self, epsilon: float) -> np.ndarray:
-        """The action `OraclePolicy(epsilon, depth=action_mode == 'depth')` takes in the current state."""
-        return labels_to_action(self.oracle_labels(), epsilon, self.action_mode, self.action_space.dtype)
 
     def reference_answer(self, index: int) -> torch.Tensor:
         """The no-cache answer of prompt `index` (gen_length ids), computed once with generate(policy='full')."""

@@ -131,6 +131,7 @@ class ImageReuseEnv(ReuseEnvBase):
     """Per-block reuse decisions of a DiT's block cache, one DDIM step per env step (see the module docstring)."""
 
     schema = IMAGE_SCHEMA
+    _decide = staticmethod(decide)
 
     def __init__(self, model: Any = None, *, config: ImageEnvConfig | None = None, render_mode: str | None = None,
                  **settings: Any):
@@ -250,19 +251,6 @@ class ImageReuseEnv(ReuseEnvBase):
             plan = RefreshPlan(start.long())
         real = codec.actions_from_start(plan.start_layer.cpu(), self.action_mode, self.n_layers)[0]
         return real.numpy().astype(self.action_space.dtype)
-
-    def policy_action(self, policy: ReusePolicy) -> np.ndarray:
-        plan, ctx = decide(policy, self.session, self.budget, features=self.features_)
-        self._consulted = (policy, ctx)
-        return self.plan_to_action(plan)
-
-    def oracle_labels(self) -> np.ndarray:
-        return self._labels(self._shadow().drift)
-
-    def oracle_action(self, epsilon: float) -> np.ndarray:
-        from envs.block_reuse_env import labels_to_action
-
-        return labels_to_action(self.oracle_labels(), epsilon, self.action_mode, self.action_space.dtype)
 
     def reference_image(self, index: int) -> torch.Tensor:
         """The uncached sample of item `index` (C, H, W), computed once."""
