@@ -70,7 +70,8 @@ class ReuseEnvBase(gym.Env):
     """What the text and the image env share: spaces from the feature schema, the episode's prompt and budget, the
     hook of the policy that proposed an action, the oracle's labels and action, the timings. A subclass sets
     `schema`, `_decide` (its family's `decide`), `max_blocks`, `n_layers`, `action_mode`, `prompts`, `prompt_order`
-    and `budget_range`, implements `plan_to_action`, `_shadow` and `_labels`, and builds its session in `reset`."""
+    and `budget_range` (and `_offset`, the padded rows before the episode's blocks), implements `plan_to_action`,
+    `_shadow` and `_labels`, and builds its session in `reset`."""
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
@@ -92,6 +93,19 @@ class ReuseEnvBase(gym.Env):
         else:
             n = codec.n_actions(self.action_mode, self.n_layers)
             self.action_space = spaces.MultiDiscrete(np.full(self.max_blocks, n, dtype=np.int64))
+
+    def action_to_plan(self, action: Any) -> RefreshPlan:
+        """The refresh plan of an action (padded rows dropped); an action outside the space is refused."""
+        shape = np.shape(action.detach().cpu() if isinstance(action, torch.Tensor) else action)
+        if shape != (self.max_blocks,):
+            raise ValueError(f"action has shape {shape}, expected ({self.max_blocks},) (one entry per block row)")
+        a = codec.check_actions(action, self.action_mode, self.n_layers)
+        real = torch.as_tensor(a[self._offset:])
+        return codec.plan_from_actions(real[None, :], self.action_mode, self.n_layers)
+
+    def close(self) -> None:
+        self.session = None
+        self.features_ = None
 
     def policy_action(self, policy: ReusePolicy) -> np.ndarray:
         """What a `ReusePolicy` would do in the current state, as an action. The policy is driven as `generate()`
@@ -270,20 +284,7 @@ class BlockReuseEnv(ReuseEnvBase):
         spent = s.stats.flop_fraction if s.stats.steps else 1.0
         return f"step {s.step_index} block {s.generation_block}/{s.n_generation_blocks} flops {spent:.3f} {shown}"
 
-    def close(self) -> None:
-        self.session = None
-        self.features_ = None
-
     # --- the bridge between actions, plans and policies (cache_core.actions) ----------------------------------------
-    def action_to_plan(self, action: Any) -> RefreshPlan:
-        """The refresh plan of an action (padded rows dropped); an action outside the space is refused."""
-        shape = np.shape(action.detach().cpu() if isinstance(action, torch.Tensor) else action)
-        if shape != (self.max_blocks,):
-            raise ValueError(f"action has shape {shape}, expected ({self.max_blocks},) (one entry per block row)")
-        a = codec.check_actions(action, self.action_mode, self.n_layers)
-        real = torch.as_tensor(a[self._offset:])
-        return codec.plan_from_actions(real[None, :], self.action_mode, self.n_layers)
-
     def plan_to_action(self, plan: RefreshPlan) -> np.ndarray:
         """The action closest to a policy's plan (`cache_core.actions.actions_from_plan`), padded rows 0."""
         real = codec.actions_from_plan(plan, self.block_length, self.action_mode, self.n_layers)[0]

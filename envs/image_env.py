@@ -165,6 +165,7 @@ class ImageReuseEnv(ReuseEnvBase):
         self.budget: float | None = None
         self.prompt_index = -1
         self._cursor = 0
+        self._offset = 0  # images have no padded block rows
         self._consulted: tuple[ReusePolicy, Any] | None = None
         self._reference: dict[int, torch.Tensor] = {}
         self.timings = _zero_timings()
@@ -229,18 +230,7 @@ class ImageReuseEnv(ReuseEnvBase):
         spent = s.stats.flop_fraction if s.stats.steps else 1.0
         return f"step {s.step_index}/{s.n_steps} t={s.timestep} flops {spent:.3f}"
 
-    def close(self) -> None:
-        self.session = None
-        self.features_ = None
-
     # --- the bridge between actions, plans and policies ------------------------------------------------------------
-    def action_to_plan(self, action: Any) -> RefreshPlan:
-        shape = np.shape(action.detach().cpu() if isinstance(action, torch.Tensor) else action)
-        if shape != (self.max_blocks,):
-            raise ValueError(f"action has shape {shape}, expected ({self.max_blocks},) (one entry per block)")
-        a = codec.check_actions(action, self.action_mode, self.n_layers)
-        return codec.plan_from_actions(torch.as_tensor(a)[None, :], self.action_mode, self.n_layers)
-
     def plan_to_action(self, plan: RefreshPlan) -> np.ndarray:
         """The action closest to a policy's plan: a per-layer plan (layer_mask) becomes, per block, the recompute of
         the top layers from the shallowest one it runs (depth) or a refresh if it runs any layer (binary)."""
