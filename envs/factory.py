@@ -24,10 +24,10 @@ def image_settings(settings: dict[str, Any]) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    from cache_core.validate import read_json_object
+    from cache_core.checkpoint import read_json
+    from cache_core.models import family_of
 
-    raw = read_json_object(config, "model config", ValueError, "the file is corrupt")
-    return str(raw.get("model_type", "")).lower() == "dit"
+    return family_of(read_json(config, "model config"), str(config)).modality == "image"
 
 
 def make_env(config: Any = None, model: Any = None, **settings: Any) -> Any:
@@ -39,7 +39,7 @@ def make_env(config: Any = None, model: Any = None, **settings: Any) -> Any:
     if config is not None:
         image = isinstance(config, ImageEnvConfig)
     elif model is not None:
-        image = getattr(model, "modality", "text") == "image"
+        image = model.modality == "image"
     else:
         image = image_settings(settings)
     cls = ImageReuseEnv if image else BlockReuseEnv

@@ -147,7 +147,7 @@ class ImageReuseEnv(ReuseEnvBase):
             from cache_core.checkpoint import load_model
 
             model = load_model(cfg.model_path or REPO_ROOT / "checkpoints" / "dit", device=cfg.device)
-        if getattr(model, "modality", "text") != "image":
+        if model.modality != "image":
             raise ValueError(f"{type(model).__name__} is not an image diffusion model; use BlockReuseEnv for text")
         self.model = model.eval()
         self.prompts = ImagePromptSet(cfg.n_prompts, model.config.n_classes, cfg.split, cfg.task_seed)

@@ -78,8 +78,7 @@ class ToCa(ImagePolicy):
         s = ctx.session
         part = ctx.partition
         attention = part.sum(s.attention_mass)[..., None]  # (B, nb, 1)
-        age = part.fraction((s.step_index - s.last_refresh_step).float().transpose(1, 2).reshape(
-            -1, s.cache.n_tokens)).reshape(ctx.batch_size, ctx.n_layers, ctx.n_blocks).transpose(1, 2)
+        age = part.sum((s.step_index - s.last_refresh_step).float()) / ctx.block_length  # (B, nb, L) mean age
         score = attention + self.age_weight * age / self.interval  # (B, nb, L)
         k = math.ceil(self.ratio * ctx.n_blocks)
         mask = torch.zeros_like(score, dtype=torch.bool)
@@ -117,10 +116,9 @@ class TeaCache(ImagePolicy):
         if self.accumulated is None or self.accumulated.shape[0] != ctx.batch_size:
             self.reset(ctx.batch_size)
         change = ctx.session.global_input_change().float().cpu()
-        if self.coefficients is not None:
-            change = torch.zeros_like(change) + sum(c * change ** p for p, c in
-                                                    zip(range(len(self.coefficients) - 1, -1, -1), self.coefficients))
-            change = change.clamp(min=0)
+        if self.coefficients is not None:  # numpy.polyval order: highest power first
+            top = len(self.coefficients) - 1
+            change = sum(c * change ** (top - i) for i, c in enumerate(self.coefficients)).clamp(min=0)
         first_or_last = ctx.step == 0 or ctx.step == ctx.n_steps - 1
         self.accumulated += change
         run = (self.accumulated >= self.threshold) | first_or_last

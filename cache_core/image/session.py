@@ -87,7 +87,7 @@ class ImageShadow:
 class DenoisingSession:
     def __init__(self, model: DiTModel, labels: Any, steps: int = 25, block_size: int = 8, seed: int | None = 0,
                  noise: torch.Tensor | None = None, trace_attention: bool = True):
-        if getattr(model, "modality", "text") != "image":
+        if model.modality != "image":
             raise TypeError(f"{type(model).__name__} is not an image diffusion model; text models decode with "
                             "cache_core.generate")
         self.model = model

@@ -79,6 +79,7 @@ class DiffusionModel(nn.Module):
     """A masked-diffusion network behind the engine's one protocol (see the module docstring)."""
 
     family: ClassVar[str] = ""
+    modality: ClassVar[str] = "text"  # "text": masked-diffusion LMs (generate); "image": DiTs (sample_images)
     model_type: ClassVar[str] = ""  # what config.json's model_type says for this family ("" = the family name)
     # 1 for a family whose network predicts token i from hidden state i - 1 (Dream): its forwards shift the logits so
     # that the engine still reads position i's prediction at i, and `logit_sources` names the outputs that needs.

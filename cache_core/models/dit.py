@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache_core import validate as v
 from cache_core.models.base import DiffusionModel, active_index, read_config
 
 if TYPE_CHECKING:
@@ -51,9 +52,7 @@ class DiTConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "patch_size", "n_classes", "d_model", "n_layers", "n_heads",
                      "train_timesteps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DiTConfig.{name}={value!r} must be a positive integer")
+            v.number(f"DiTConfig.{name}", getattr(self, name), integer=True, low=1)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if self.d_model % self.n_heads:
@@ -62,8 +61,7 @@ class DiTConfig:
             raise ValueError("d_model / n_heads must be a multiple of 4 (2-D sin-cos positions)")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ValueError(f"need 0 < beta_start ({self.beta_start}) < beta_end ({self.beta_end}) < 1")
-        if not 0 <= self.class_dropout < 1:
-            raise ValueError(f"class_dropout={self.class_dropout} must lie in [0, 1)")
+        v.number("DiTConfig.class_dropout", self.class_dropout, low=0.0, high=1.0, open_high=True)
 
     @property
     def grid(self) -> int:
