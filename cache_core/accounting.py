@@ -47,6 +47,10 @@ class StepRecord:
     monitor_flops: float = 0.0  # the quality monitor's shadow forward (included in flops)
     monitor_rows: int = 0  # rows the monitor checked at this step
     monitor_alarms: int = 0  # rows it repaired
+    # The policy's side of the step, timed by `cache_core.policy.run_step` (0 for steps driven otherwise, e.g. the
+    # environment's): `decide` (block-start hook, feature computation, `plan`) and the `on_step_end` hook. wall_s
+    # times `session.step` only, so policy_s + wall_s is the whole step.
+    policy_s: float = 0.0
 
 
 @dataclass
@@ -74,6 +78,22 @@ class GenerationStats:
         return sum(s.wall_s for s in self.steps)
 
     @property
+    def step_seconds(self) -> float:
+        """Seconds in `session.step` (the forward, commit and bookkeeping), all steps."""
+        return self.wall_s
+
+    @property
+    def policy_seconds(self) -> float:
+        """Seconds the policy took to decide (features + plan) and in its end-of-step hook, all steps."""
+        return sum(s.policy_s for s in self.steps)
+
+    @property
+    def policy_share(self) -> float:
+        """policy seconds / (policy seconds + step seconds): the decision's share of the step time."""
+        total = self.policy_seconds + self.step_seconds
+        return self.policy_seconds / total if total > 0 else float("nan")
+
+    @property
     def peak_cache_bytes(self) -> int:
         return max((s.cache_bytes for s in self.steps), default=0)
 
@@ -90,6 +110,7 @@ class GenerationStats:
             "monitor_checks": sum(s.monitor_rows for s in self.steps),
             "monitor_alarms": sum(s.monitor_alarms for s in self.steps),
             "wall_s": self.wall_s,
+            "policy_s": self.policy_seconds,
         }
 
     def to_dict(self) -> dict:

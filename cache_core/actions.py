@@ -56,7 +56,8 @@ def plan_from_actions(actions: torch.Tensor, mode: str, n_layers: int) -> Refres
 
 def block_start_of_plan(plan: RefreshPlan, block_length: int) -> torch.Tensor:
     """(B, n_blocks) shallowest start layer a plan asks of each block; single refreshed positions (token-level plans)
-    count for their block. dLLM-Cache's adaptive per-token refresh has no block-level counterpart and is dropped."""
+    count for their block. dLLM-Cache's adaptive per-layer, per-token refresh (`RefreshPlan.adaptive`) has no
+    block-level counterpart and is dropped: only its interval refreshes remain."""
     start = plan.start_layer.long().cpu().clone()
     if plan.refresh_positions is not None:
         B, n_blocks = start.shape

@@ -6,7 +6,10 @@ left-padded to a multiple of the decoding block so that the generation region st
 the cache keeps keys, values and the layer's *input* hidden states: the inputs are what a refresh from layer k > 0
 needs (Elastic-Cache style depth refresh), since the layers below k are not run. With a memory manager
 (`cache_core.memory`) they live in a paged store at per-block precisions and a layer is materialised only while it
-runs (`open_layer` / `close_layer`).
+runs (`open_layer` / `close_layer`). For dLLM-Cache the cache also keeps, per layer and position, the layer's residual
+update (its output minus its input: attention and MLP together), which a position carried through a layer without
+recomputing adds to its fresh input (`enable_residual_updates`, from the first adaptive plan on; no other policy pays
+for it).
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ class RefreshPlan:
         n_layers = reuse it everywhere.
     refresh_positions: optional (B, N) bool, single positions to refresh in every layer (token-level policies such as
         dKV-Cache).
-    adaptive: optional (candidates (B, N) bool, rho): dLLM-Cache's per-layer value-similarity refresh of the rho
-        fraction least similar candidates.
+    adaptive: optional (candidates (B, N) bool, rho): dLLM-Cache's per-layer rule: the candidates run through every
+        layer from their current tokens, and at each layer the floor(rho * n) whose fresh values are least similar to
+        the cached ones are recomputed there (see `DiffusionModel.forward_partial`); needs the cache's residual
+        updates (`BlockKVCache.enable_residual_updates`).
     layer_mask: optional (B, n_blocks, n_layers) bool, True = recompute the block in that layer; replaces
         start_layer's "layers >= start" where a rule is per layer (the image caches' step-level routers:
         Learning-to-Cache, DeepCache). Only the image cache reads it; the text cache refuses it.
@@ -79,7 +84,8 @@ class RefreshPlan:
 
 
 class BlockKVCache:
-    """Per-layer keys, values and layer inputs for every canvas position, updated in place by partial forwards."""
+    """Per-layer keys, values and layer inputs for every canvas position, updated in place by partial forwards; with
+    `enable_residual_updates`, per-layer residual updates too (`updates`, None without)."""
 
     def __init__(self, facts: ModelFacts, key_mask: torch.Tensor, positions: torch.Tensor,
                  partition: BlockPartition | int, dtype: torch.dtype = torch.float32,
@@ -99,17 +105,13 @@ class BlockKVCache:
         self.resident = key_mask.clone()  # (B, N) positions whose K/V are held (all real ones without a memory budget)
         # With a memory manager the per-layer tensors exist only while a layer is open (see cache_core.memory).
         self.store = None
+        self.updates: list[torch.Tensor | None] | None = None  # per-layer (B, N, hidden) residual updates, if kept
         self._pending_hidden: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if memory is not None:
             from cache_core.memory import PagedStore
 
             self.store = PagedStore(self, memory, page_size or partition.uniform_size or N, dtype)
-            if memory.budget_bytes is not None and memory.budget_bytes < self.store.minimum_bytes():
-                raise ValueError(
-                    f"memory budget_bytes={memory.budget_bytes} is smaller than the decoding block needs: "
-                    f"{self.store.minimum_bytes()} bytes (the one-layer workspace, {self.store.workspace_bytes}, plus "
-                    f"the decoding block at native precision); raise budget_bytes or lower the batch size"
-                )
+            self._check_budget()
             self.keys: list[torch.Tensor | None] = [None] * L
             self.values: list[torch.Tensor | None] = [None] * L
             self.hidden: list[torch.Tensor | None] = [None] * L
@@ -118,6 +120,33 @@ class BlockKVCache:
         self.keys = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(L)]
         self.values = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(L)]
         self.hidden = [torch.zeros(B, N, facts.hidden_size, dtype=dtype, device=device) for _ in range(L)]
+
+    def _check_budget(self) -> None:
+        budget, minimum = self.store.cfg.budget_bytes, self.store.minimum_bytes()
+        if budget is not None and budget < minimum:
+            raise ValueError(
+                f"memory budget_bytes={budget} is smaller than the decoding block needs: {minimum} bytes (the "
+                f"one-layer workspace, {self.store.workspace_bytes}, plus the decoding block at native precision); "
+                "raise budget_bytes or lower the batch size"
+            )
+
+    def enable_residual_updates(self) -> None:
+        """Keep each layer's residual update per position from now on (dLLM-Cache's carried positions add it; see
+        `DiffusionModel.forward_partial`). The session calls it at the first adaptive plan. Idempotent.
+
+        Until then every forward wrote a computed position's layer-l output as its input to layer l + 1, so the
+        update of layer l < n_layers - 1 is hidden[l + 1] - hidden[l], bit for bit what the forward would have
+        stored; the last layer's starts at zero (a carried position's last-layer output feeds nothing: only the
+        decoding block gives logits, and it is always recomputed)."""
+        if self.updates is not None:
+            return
+        L = self.facts.n_layers
+        if self.store is not None:
+            self.store.add_updates()
+            self._check_budget()
+            self.updates = [None] * L
+            return
+        self.updates = [nxt - h for h, nxt in zip(self.hidden, self.hidden[1:])] + [torch.zeros_like(self.hidden[-1])]
 
     @property
     def n_blocks(self) -> int:
@@ -163,11 +192,15 @@ class BlockKVCache:
 
     # --- layer access: a no-op for the dense cache, (de)quantisation for the paged store ----------------------------
     def open_layer(self, layer: int) -> None:
-        """Make keys[layer], values[layer], hidden[layer] dense tensors (and apply pending input writes)."""
+        """Make keys[layer], values[layer], hidden[layer] (and updates[layer]) dense tensors (and apply pending input
+        writes)."""
         if self.store is None:
             return
         if self.keys[layer] is None:
-            self.keys[layer], self.values[layer], self.hidden[layer] = self.store.materialise(layer)
+            dense = self.store.materialise(layer)
+            self.keys[layer], self.values[layer], self.hidden[layer] = dense[:3]
+            if self.updates is not None:
+                self.updates[layer] = dense[3]
         pending = self._pending_hidden.pop(layer, None)
         if pending is not None:
             rows, idx, x = pending
@@ -178,9 +211,13 @@ class BlockKVCache:
         if self.store is None:
             return
         if written is not None:
-            self.store.write_back(layer, self.keys[layer], self.values[layer], self.hidden[layer],
-                                  self.store.dirty_pages(written))
+            dense = [self.keys[layer], self.values[layer], self.hidden[layer]]
+            if self.updates is not None:
+                dense.append(self.updates[layer])
+            self.store.write_back(layer, dense, self.store.dirty_pages(written))
         self.keys[layer] = self.values[layer] = self.hidden[layer] = None
+        if self.updates is not None:
+            self.updates[layer] = None
 
     def set_hidden(self, layer: int, rows: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> None:
         """Write layer inputs at (rows, idx); for a closed layer of the paged store, when the layer opens."""
@@ -224,11 +261,12 @@ class BlockKVCache:
         return self.store.host_bytes() if self.store is not None else 0
 
     def nbytes(self) -> int:
-        """Bytes the cache holds: its tensors (keys, values and layer inputs); with a memory manager, the paged store
-        plus the one-layer workspace a forward materialises."""
+        """Bytes the cache holds: its tensors (keys, values, layer inputs and any residual updates); with a memory
+        manager, the paged store plus the one-layer workspace a forward materialises."""
         if self.store is not None:
             return self.store.device_bytes()
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.hidden))
+        tensors = (*self.keys, *self.values, *self.hidden, *(self.updates or ()))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def block_slice(self, block: int) -> slice:
         return self.partition.slice(block)

@@ -26,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from cache_core.session import DecodingSession
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2 = v1 + the decoding-setting columns (SETTING_COLUMNS); v1 files still load (see `project`)
 
 
 class _View:
@@ -119,6 +119,22 @@ GLOBAL_COLUMNS: tuple[Column, ...] = (
     Column("budget", "the compute budget as a FLOP fraction (1 when not budget-conditioned; raised by the quality "
            "monitor's alarms)", 0.0, 1.0,
            lambda v: v.s.effective_budget(v.budget)),
+)
+# What a policy needs to know of the decoding setting, so one policy serves block lengths, step counts, linear and
+# threshold decoding and canvas lengths (v2). Each is normalised so that settings never seen in training still land
+# inside the declared range.
+SETTING_COLUMNS: tuple[Column, ...] = (
+    Column("block_share", "decoding block length / generated length (1 / number of decoding blocks)", 0.0, 1.0,
+           lambda v: v.constant(v.s.block_length / v.s.gen_length)),
+    Column("block_size", "decoding block length / 64, clipped at 1", 0.0, 1.0,
+           lambda v: v.constant(min(v.s.block_length / 64.0, 1.0))),
+    Column("generation_share", "generated length / canvas length (prompt region + generated length)", 0.0, 1.0,
+           lambda v: v.constant(v.s.gen_length / v.N)),
+    Column("commit_rate", "tokens the row committed at the last step / block length (1/steps per block under the "
+           "linear schedule; 0 before the first step)", 0.0, 1.0,
+           lambda v: v.s.last_commit_rate.clamp(0, 1)),
+    Column("threshold", "the confidence threshold of parallel decoding (0 = LLaDA's linear schedule)", 0.0, 1.0,
+           lambda v: v.constant(float(v.s.threshold or 0.0))),
 )
 @dataclass(frozen=True)
 class FeatureSchema:
@@ -248,7 +264,14 @@ def schema_by_id(schema_id: Any) -> FeatureSchema:
 
 
 TEXT_SCHEMA = register_schema(FeatureSchema(
-    family="text", version=SCHEMA_VERSION, block_columns=BLOCK_COLUMNS, global_columns=GLOBAL_COLUMNS,
+    family="text", version=SCHEMA_VERSION, block_columns=BLOCK_COLUMNS,
+    global_columns=GLOBAL_COLUMNS + SETTING_COLUMNS, forced="is_decoding", valid="valid_fraction", budget="budget",
+    attention="attention_mass", relative="relative_position",
+))
+# v1 (no setting columns): the schema of the policies and shards made before v2. It stays registered, so those
+# files load, and a v1 policy reads its columns out of v2 features (`StepFeatures.project`).
+TEXT_SCHEMA_V1 = register_schema(FeatureSchema(
+    family="text", version=1, block_columns=BLOCK_COLUMNS, global_columns=GLOBAL_COLUMNS,
     forced="is_decoding", valid="valid_fraction", budget="budget", attention="attention_mass",
     relative="relative_position",
 ))
@@ -276,6 +299,26 @@ class StepFeatures:
     def policy_input(self) -> torch.Tensor:
         """Block features with the global features broadcast to every block: (B, n_blocks, F_block + F_global)."""
         return policy_input(self.blocks, self.global_)
+
+    def project(self, schema: FeatureSchema) -> StepFeatures:
+        """These features in an older schema of the same family whose columns they all carry (a v1 policy on v2
+        features): the columns by name. A ValueError naming what is missing otherwise."""
+        if schema.id == self.schema.id:
+            return self
+        if not projectable(self.schema, schema):
+            raise ValueError(f"features of schema {self.schema.id!r} cannot serve schema {schema.id!r}: other family "
+                             "or columns it lacks")
+        blocks = self.blocks[..., [self.schema.block_index(n) for n in schema.block_names]]
+        global_ = self.global_[..., [self.schema.global_index(n) for n in schema.global_names]]
+        return StepFeatures(blocks, global_, schema)
+
+
+def projectable(source: FeatureSchema, target: FeatureSchema) -> bool:
+    """Whether features of `source` carry every column of `target` with the same meaning and range (same family)."""
+    if source.family != target.family:
+        return False
+    have = {c.name: c for c in source.columns}
+    return all(c.name in have and have[c.name] == c for c in target.columns)
 
 
 def policy_input(blocks: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:

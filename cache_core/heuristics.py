@@ -86,10 +86,27 @@ class FastDLLMDualCache(FastDLLMCache):
 class DLLMCache(ReusePolicy):
     """dLLM-Cache (Liu et al. 2025): interval refresh with value-similarity partial updates.
 
-    The prompt is refreshed every `prompt_interval` (K_p) steps and the response every `response_interval` (K_r)
-    steps. In between, at every layer, the values of all response tokens are recomputed from the layer's current
-    input and compared with the cached ones by cosine similarity; the `rho` fraction least similar tokens get
-    attention and MLP recomputed in that layer. Knob: K_r (larger = more aggressive).
+    The prompt is refreshed every `prompt_interval` (K_p) steps and the response (every generation position) every
+    `response_interval` (K_r) steps. On the steps in between, as in the reference code, every response position runs
+    through all layers from the embedding of its current token: at each layer its value is projected from its fresh
+    input and compared with the cached value by cosine similarity, and per batch row the floor(rho * n) least similar
+    of the n response positions get attention and MLP recomputed in that layer (K/V and cached update written); the
+    others go on with their fresh input plus their cached residual update of that layer. So tokens committed since
+    their last refresh reach layer 0 with their new embedding, and drift propagates to deeper layers. The rule is
+    carried out by `DiffusionModel.forward_partial` (`RefreshPlan.adaptive`); the value probe's FLOPs are counted,
+    the carried additions are not (one addition per position and layer). Knob: K_r (larger = more aggressive).
+
+    Where it differs from the reference code, and why:
+    - the decoding block is always recomputed from layer 0 (the engine's invariant: its logits must be fresh), so it
+      is not among the candidates and n counts the other response positions; the reference ranks it with the rest;
+    - the cache keeps one residual update per layer and position (layer output minus input, attention and MLP
+      together) where the reference keeps the attention and MLP outputs apart: both are always reused or recomputed
+      together, so for LLaDA's pre-norm layer (x + attn, then + mlp) the sum is the same update;
+    - grouped-KV models (fewer KV heads than heads: the built-in model, Dream, LLaDA-MoE) are supported, the values
+      compared being the KV heads' values; the reference hooks assume as many KV heads as heads;
+    - the residual updates are kept only once a cached step needs them (the session enables them at the first
+      adaptive plan, from the layer inputs already cached: exact); under a memory manager they are paged and
+      quantised like the layer inputs.
     """
 
     name = "dllm_cache"

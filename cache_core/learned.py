@@ -10,6 +10,10 @@ No Lightning, no Stable-Baselines3, no pickle: the exported network maps the fea
 - output `refresh_logit`: (B, n_blocks) logits; a block is refreshed (all layers) when sigmoid(logit) >= threshold.
 - output `action_logits`: (B, n_blocks, A); the argmax action is read by `cache_core.actions`, as the environment
   reads its actions: binary (A = 2): 1 = refresh; depth (A = L + 1): 0 = reuse, j = refresh from layer L - j.
+- `budget_control` (binary budget-conditioned files): "feature" = the budget is only the network's input (the files
+  before it); "enforce" = the budget is a FLOP fraction the runtime holds (`budget_refresh`): each step refreshes
+  the blocks the network scores highest while the generation's spend stays within budget x full recompute, so a
+  budget means the same FLOP fraction in every decoding setting.
 A file built for another feature schema, action mode or layer count is refused with a message naming both sides: the
 manifest's schema must be registered (`cache_core.features.schema_by_id`), and `plan` refuses features of another
 schema (a policy trained on one model family does not serve another).
@@ -26,11 +30,13 @@ import torch
 from cache_core import validate as v
 from cache_core.actions import ACTION_MODES, OUTPUTS, n_actions, plan_from_output
 from cache_core.cache import RefreshPlan
-from cache_core.features import SCHEMAS, StepFeatures, schema_by_id
+from cache_core.features import SCHEMAS, StepFeatures, projectable, schema_by_id
 from cache_core.policy import ReusePolicy, StepContext
 
 POLICY_FORMAT = "blockreuse-policy"
 POLICY_FORMAT_VERSION = 1
+BUDGET_CONTROLS = ("feature", "enforce")
+BUDGET_SAVING = 1.0  # budget_refresh: unspent budget kept for later steps, in full-recompute steps
 
 
 class PolicyFileError(ValueError):
@@ -77,6 +83,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         v.fraction("threshold", manifest.get("threshold", 0.5), open_low=False)
         v.flag("budget_conditioned", manifest.get("budget_conditioned", False))
         v.fraction("default_budget", manifest.get("default_budget"), optional=True)
+        v.choice("budget_control", manifest.get("budget_control", "feature"), BUDGET_CONTROLS)
     except ValueError as err:
         raise PolicyFileError(f"{mpath}: {err}; re-export the policy") from None
     default = manifest.get("default_budget")
@@ -100,7 +107,7 @@ class LearnedPolicy(ReusePolicy):
     knob = "refresh_threshold"
     knob_sweep = (0.1, 0.3, 0.5, 0.7, 0.9)
 
-    def __init__(self, path: str | Path, refresh_threshold: float | None = None):
+    def __init__(self, path: str | Path, refresh_threshold: float | None = None, budget_control: str | None = None):
         import onnxruntime as ort
 
         manifest = read_manifest(path)
@@ -126,6 +133,13 @@ class LearnedPolicy(ReusePolicy):
         default_budget = manifest.get("default_budget")
         self.default_budget = None if default_budget is None else float(default_budget)
         self.budget_conditioned = bool(manifest.get("budget_conditioned", False))
+        self.budget_control = budget_control or manifest.get("budget_control", "feature")
+        if self.budget_control not in BUDGET_CONTROLS:
+            raise ValueError(f"budget_control={self.budget_control!r}: use one of {list(BUDGET_CONTROLS)}")
+        if self.budget_control == "enforce" and (self.action_mode != "binary" or not self.budget_conditioned):
+            raise PolicyFileError(f"{self.path}: budget_control='enforce' needs a budget-conditioned binary policy "
+                                  f"(this one: action_mode={self.action_mode}, budget_conditioned="
+                                  f"{self.budget_conditioned}); use budget_control='feature'")
         self._check_graph()
 
     def _check_graph(self) -> None:
@@ -159,6 +173,8 @@ class LearnedPolicy(ReusePolicy):
         return out
 
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
+        if features.schema is not self.schema and projectable(features.schema, self.schema):
+            features = features.project(self.schema)  # a policy of an older schema of this family (text v1)
         if features.schema is not self.schema and features.schema.id != self.schema.id:
             raise PolicyFileError(
                 f"{self.path}: the policy was trained on feature schema {self.schema.id!r} ({self.schema.family} "
@@ -171,12 +187,55 @@ class LearnedPolicy(ReusePolicy):
                 f"{ctx.n_layers}; depth actions only transfer between models of the same depth"
             )
         out = torch.from_numpy(self.scores(features))
+        if self.budget_control == "enforce":
+            score = out if self.output == "refresh_logit" else out[..., 1] - out[..., 0]  # binary: refresh vs reuse
+            cut = 0.0 if self.output == "action_logits" else float(np.log(self.refresh_threshold + 1e-12)
+                                                                    - np.log1p(-self.refresh_threshold + 1e-12))
+            refresh = budget_refresh(score, features, ctx, confident=score >= cut)
+            return RefreshPlan.from_refresh_mask(refresh, ctx.n_layers)
         return plan_from_output(out, self.output, self.action_mode, ctx.n_layers, self.refresh_threshold)
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, "path": self.path, "refresh_threshold": self.refresh_threshold,
+                "budget_control": self.budget_control,
                 "action_mode": self.action_mode, "default_budget": self.default_budget,
                 "source": self.manifest.get("source", {})}
+
+
+def budget_refresh(score: torch.Tensor, features: StepFeatures, ctx: StepContext,
+                   confident: torch.Tensor | None = None, saving: float = BUDGET_SAVING) -> torch.Tensor:
+    """(B, n_blocks) bool: the blocks to refresh this step so that the generation's FLOP fraction tracks its budget.
+
+    The allowance is budget x (steps so far + 1) - spent so far, in units of one full-recompute step (spent from the
+    `compute_spent` feature, which counts real FLOPs, so the rounding of earlier steps is paid back). The forced
+    (decoding) blocks come first; the others are taken in descending score while their cost fits the allowance, as
+    long as the network asks for them (`confident`) or the allowance exceeds `saving` full steps: unspent budget is
+    saved up to that much (so a later step can afford a full refresh, e.g. at a block start) and spent on the
+    best-scored blocks beyond it. So the generation ends within `saving` / steps of its budget. A block's cost is its
+    share of the valid positions: exact for the projections and the MLP, and for attention at a fixed key count; the
+    LM head (the decoding block's only) is rounding the feedback absorbs. A budget below the floor (the decoding block
+    alone) cannot be met: the step then computes only the forced blocks."""
+    schema = features.schema
+    spent = features.global_[:, schema.global_index("compute_spent")].to(score.device).double()
+    budget = features.global_[:, schema.global_index(schema.budget)].to(score.device).double()
+    valid = ctx.key_mask.to(score.device).float()
+    partition = ctx.partition
+    positions = (partition.to(score.device).sum(valid) if partition is not None
+                 else valid.view(valid.shape[0], ctx.n_blocks, -1).sum(-1)).double()
+    cost = positions / positions.sum(1, keepdim=True).clamp(min=1)
+    forced = features.column(schema.forced).to(score.device) > 0.5
+    step = float(ctx.step)
+    allowance = budget * (step + 1) - spent * step - (cost * forced).sum(1)
+    candidates = ~forced & (positions > 0)
+    ranked = score.double().masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    ranked_cost = cost.gather(1, ranked) * candidates.gather(1, ranked)
+    cum = ranked_cost.cumsum(1)
+    wanted = torch.ones_like(candidates) if confident is None else confident.to(score.device)
+    must = (cum - ranked_cost) < (allowance - saving)[:, None]  # the prefix that keeps the saving at most `saving`
+    take = (cum <= allowance[:, None] + 1e-9) & candidates.gather(1, ranked) & (wanted.gather(1, ranked) | must)
+    refresh = torch.zeros_like(candidates)
+    refresh.scatter_(1, ranked, take)
+    return (refresh | forced).cpu()
 
 
 def load_policy(path: str | Path, **knobs: Any) -> LearnedPolicy:

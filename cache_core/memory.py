@@ -12,9 +12,10 @@ precision of its own:
             when it comes back into the window; with `offload`, kept in host memory instead and copied back.
 
 A forward reads one layer at a time: the layer's pages are dequantised into one dense workspace (keys, values and
-inputs of that layer only), the layer runs, and the pages it wrote are quantised back. Peak cache memory is the
-store plus that one-layer workspace, and both are counted (`StepRecord.cache_bytes`). Pages whose positions were not
-written keep their stored bytes untouched (no re-quantisation drift).
+inputs of that layer only, and its residual updates when the cache keeps them for dLLM-Cache), the layer runs, and
+the pages it wrote are quantised back. Peak cache memory is the store plus that one-layer workspace, and both are
+counted (`StepRecord.cache_bytes`). Pages whose positions were not written keep their stored bytes untouched (no
+re-quantisation drift).
 
 Before every step the manager assigns each page a tier: the decoding block and `window` blocks after it stay
 native; committed (stable) pages take `stable_precision`; with `evict_far`, suffix pages beyond the window (still
@@ -154,14 +155,12 @@ class PagedStore:
         f = cache.facts
         self.kv_shape = (B, f.n_kv_heads, N, f.head_dim)
         self.hidden_shape = (B, N, f.hidden_size)
-        element = torch.empty((), dtype=dtype).element_size()
-        kv_numbers = B * f.n_kv_heads * N * f.head_dim
-        self.workspace_bytes = element * (2 * kv_numbers + B * N * f.hidden_size)  # one layer, dense
         self.n_layers = f.n_layers
-        self.page_native_bytes = self.page_bytes("native")
-        # pages[layer][kind][page]: kind 0 keys, 1 values, 2 inputs; None = not stored (evicted or never computed)
+        # pages[layer][kind][page]: kind 0 keys, 1 values, 2 inputs, 3 residual updates (only once `add_updates`);
+        # None = not stored (evicted or never computed)
         self.pages: list[list[list[_Page | None]]] = [[[None] * self.n_pages for _ in range(3)]
                                                        for _ in range(f.n_layers)]
+        self._sizes()
         self.tier = [EVICTED] * self.n_pages  # what each page is (to be) stored as
         self.offloaded = [False] * self.n_pages  # page held in host memory
         real = cache.key_mask.view(B, self.n_pages, page_size).sum(-1).sum(0)
@@ -175,6 +174,37 @@ class PagedStore:
         self.peak_bytes = 0
         self.copied_back_pages = 0
         self.recomputed_pages = 0
+
+    @property
+    def n_kinds(self) -> int:
+        """Tensors stored per layer: keys, values, inputs (3), and the residual updates (4) once `add_updates`."""
+        return len(self.pages[0])
+
+    def add_updates(self) -> None:
+        """Also store each layer's residual updates (hidden-sized, like the inputs), for dLLM-Cache. The stored ones
+        start as the difference of the layer's stored output and input (see `BlockKVCache.enable_residual_updates`),
+        at the inputs' precision and where they are (device or host); the last layer's start at zero."""
+        if self.n_kinds > 3:
+            return
+        for layer, nxt in zip(self.pages, [*self.pages[1:], None]):
+            updates = []
+            for p, page in enumerate(layer[2]):
+                out = nxt[2][p] if nxt is not None else None
+                if page is None:
+                    updates.append(None)
+                    continue
+                x = page.dense(self.dtype)
+                update = out.dense(self.dtype) - x if out is not None else torch.zeros_like(x)
+                updates.append(_Page(update, page.precision, self.dtype))
+            layer.append(updates)
+        self._sizes()
+
+    def _sizes(self) -> None:
+        B, N, hidden = self.hidden_shape
+        element = torch.empty((), dtype=self.dtype).element_size()
+        kv_numbers = self.kv_shape[0] * self.kv_shape[1] * N * self.kv_shape[3]
+        self.workspace_bytes = element * (2 * kv_numbers + (self.n_kinds - 2) * B * N * hidden)  # one layer, dense
+        self.page_native_bytes = self.page_bytes("native")
 
     # --- bytes -----------------------------------------------------------------------------------------------------
     def store_bytes(self, host: bool = False) -> int:
@@ -195,53 +225,50 @@ class PagedStore:
         return self.store_bytes(host=True)
 
     def page_bytes(self, precision: str) -> int:
-        """Exact bytes of one page (all layers, keys, values and inputs) at `precision`, scales included."""
+        """Exact bytes of one page (all layers, keys, values, inputs and any updates) at `precision`, scales
+        included."""
         if precision == EVICTED:
             return 0
         B, H, _, D = self.kv_shape
         P, hidden = self.page_size, self.hidden_shape[-1]
-        numbers = 2 * B * H * P * D + B * P * hidden
+        per_position = self.n_kinds - 2  # hidden-sized tensors: the inputs (and the residual updates)
+        numbers = 2 * B * H * P * D + per_position * B * P * hidden
         if precision == "native":
             per_layer = numbers * torch.empty((), dtype=self.dtype).element_size()
         elif precision == "bf16":
             per_layer = numbers * 2
-        else:
-            per_layer = numbers + 4 * (2 * B * H + B)  # one fp32 scale per row and head (per row for the inputs)
+        else:  # one fp32 scale per row and head (per row for the inputs and updates)
+            per_layer = numbers + 4 * (2 * B * H + per_position * B)
         return per_layer * self.n_layers
 
     def minimum_bytes(self) -> int:
         return self.workspace_bytes + self.page_native_bytes
 
     # --- layers ----------------------------------------------------------------------------------------------------
-    def materialise(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dense keys, values and inputs of `layer` (zeros where nothing is stored)."""
+    def materialise(self, layer: int) -> list[torch.Tensor]:
+        """Dense keys, values, inputs (and residual updates) of `layer` (zeros where nothing is stored)."""
         self._wait()
-        keys = torch.zeros(self.kv_shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros(self.kv_shape, dtype=self.dtype, device=self.device)
-        hidden = torch.zeros(self.hidden_shape, dtype=self.dtype, device=self.device)
+        shapes = [self.kv_shape, self.kv_shape] + [self.hidden_shape] * (self.n_kinds - 2)
+        dense = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
         P = self.page_size
         for p in range(self.n_pages):
-            k, val, h = self.pages[layer][0][p], self.pages[layer][1][p], self.pages[layer][2][p]
             s = slice(p * P, (p + 1) * P)
-            if k is not None:
-                keys[:, :, s] = k.dense(self.dtype)
-                values[:, :, s] = val.dense(self.dtype)
-            if h is not None:
-                hidden[:, s] = h.dense(self.dtype)
-        return keys, values, hidden
+            for kind, tensor in enumerate(dense):
+                page = self.pages[layer][kind][p]
+                if page is not None:
+                    tensor[..., s, :] = page.dense(self.dtype)
+        return dense
 
-    def write_back(self, layer: int, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor,
-                   dirty: list[int]) -> None:
-        """Store the pages of `layer` whose positions were written, at their tier."""
+    def write_back(self, layer: int, dense: list[torch.Tensor], dirty: list[int]) -> None:
+        """Store the pages of `layer` whose positions were written, at their tier (dense: as `materialise` gives)."""
         P = self.page_size
         for p in dirty:
             tier = self.tier[p]
             if tier == EVICTED:
                 continue
             s = slice(p * P, (p + 1) * P)
-            self.pages[layer][0][p] = _Page(keys[:, :, s], tier, self.dtype)
-            self.pages[layer][1][p] = _Page(values[:, :, s], tier, self.dtype)
-            self.pages[layer][2][p] = _Page(hidden[:, s], tier, self.dtype)
+            for kind, tensor in enumerate(dense):
+                self.pages[layer][kind][p] = _Page(tensor[..., s, :], tier, self.dtype)
 
     def dirty_pages(self, positions: torch.Tensor) -> list[int]:
         return sorted(set((positions // self.page_size).flatten().tolist()))

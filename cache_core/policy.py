@@ -12,6 +12,7 @@ a policy asked for an action and that policy's `on_step_end` after the step. Who
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -135,8 +136,26 @@ def decide(policy: ReusePolicy, session: DecodingSession, budget: float | None =
 
 
 def run_step(policy: ReusePolicy, session: DecodingSession, budget: float | None = None) -> StepResult:
-    """One denoising step of `session` under `policy`: decide, step, tell the policy what ran."""
+    """One denoising step of `session` under `policy`: decide, step, tell the policy what ran.
+
+    Times the policy's side (`decide`: block-start hook, features, `plan`; and `on_step_end`) into the step's
+    record (`StepRecord.policy_s`, next to `wall_s`, which `session.step` times). On CUDA the device is synchronised
+    at each clock reading, so work queued by one side is not billed to the other (the step's queued tail is added to
+    its wall_s); elsewhere nothing is synchronised."""
+    cuda = session.canvas.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
     plan, ctx = decide(policy, session, budget)
+    sync()
+    policy_s = time.perf_counter() - t0
     result = session.step(plan)
+    if cuda:  # session.step read its clock without waiting for the device: add what it left queued
+        t1 = time.perf_counter()
+        sync()
+        result.record.wall_s += time.perf_counter() - t1
+    t2 = time.perf_counter()
     policy.on_step_end(ctx, result)
+    sync()
+    result.record.policy_s = policy_s + time.perf_counter() - t2
     return result

@@ -127,6 +127,7 @@ class DecodingSession:
         self.attention_mass = torch.zeros(B, N, device=device)
         self.previous_attention_mass = torch.zeros(B, N, device=device)
         self.refresh_drift = torch.zeros(B, N, device=device)
+        self.last_commit_rate = torch.zeros(B, device=device)  # tokens committed per row at the last step / block
         self.stats = GenerationStats()
         self.monitor = monitor
         if monitor is not None:
@@ -236,6 +237,9 @@ class DecodingSession:
         if self.done:
             raise RuntimeError("the generation is complete; start a new session")
         t0 = time.perf_counter()
+        if plan.adaptive is not None and self.cache.updates is None:
+            self.cache.enable_residual_updates()  # dLLM-Cache's first cached step: keep per-layer residual updates
+            self._plan_memory()  # a paged store grew by them: its tiers are planned again under the budget
         required = self.required_positions()
         start = self.cache.start_layers(plan, required)
         positions = self.block_positions()
@@ -248,6 +252,7 @@ class DecodingSession:
             start = torch.where(repaired, 0, start)  # repaired entries are fresh: the bookkeeping treats them so
         canvas_before = self.canvas.clone()
         committed = self._commit(logits, positions)
+        self.last_commit_rate = committed.sum(1).float() / self.block_length
         self._update_bookkeeping(start, trace, logits, positions, canvas_before)
         wall = time.perf_counter() - t0
 

@@ -43,6 +43,7 @@ budget_excess.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -193,8 +194,11 @@ class BlockReuseEnv(ReuseEnvBase):
         self.action_mode, self.budget_range, self.drift_cap = cfg.action_mode, cfg.budget_range, float(cfg.drift_cap)
         self.use_shadow, self.prompt_order = cfg.shadow, cfg.prompt_order
         self.n_layers = self.model.facts.n_layers
+        self.settings = cfg.setting_list
+        self.setting_index = 0
         self.max_prompt_length = _max_prompt_length(self.prompts, cfg, self.model.facts.max_sequence_length)
-        self.max_blocks = (self.max_prompt_length + cfg.gen_length) // cfg.block_length
+        # Sized for every setting: the smallest decoding block over the largest canvas.
+        self.max_blocks = max((self.max_prompt_length + s["gen_length"]) // s["block_length"] for s in self.settings)
         self._build_spaces()
 
         self.session: DecodingSession | None = None
@@ -205,7 +209,7 @@ class BlockReuseEnv(ReuseEnvBase):
         self._cursor = 0
         self._shadow_step = -1
         self._consulted: tuple[ReusePolicy, StepContext] | None = None  # the policy asked for this step's action
-        self._reference: dict[int, torch.Tensor] = {}  # prompt index -> no-cache answer
+        self._reference: dict[tuple[int, int], torch.Tensor] = {}  # (prompt, setting) -> no-cache answer
         self.timings = _zero_timings()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -220,7 +224,9 @@ class BlockReuseEnv(ReuseEnvBase):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         t0 = time.perf_counter()
-        index = self._start_episode(seed, dict(options or {}))
+        options = dict(options or {})
+        index = self._start_episode(seed, options)
+        self._use_setting(options.get("setting"))
         session_seed = int(self.np_random.integers(2**31 - 1))
 
         item = self.prompts[index]
@@ -234,8 +240,22 @@ class BlockReuseEnv(ReuseEnvBase):
         self.timings["reset_s"] += time.perf_counter() - t0
         obs = self._observe()
         info = {"prompt_index": index, "budget": self._budget_value(), "n_blocks": self.session.n_blocks,
-                "task": item.task}
+                "task": item.task, "setting": self.setting_index}
         return obs, info
+
+    def _use_setting(self, requested: Any) -> None:
+        """The episode's decoding setting: options' `setting` index, else a seeded draw when there are several."""
+        if requested is not None:
+            index = int(requested)
+            if not 0 <= index < len(self.settings):
+                raise ValueError(f"setting={index} outside [0, {len(self.settings)}) (env.decode_settings has "
+                                 f"{len(self.settings)} entries)")
+        else:
+            index = int(self.np_random.integers(len(self.settings))) if len(self.settings) > 1 else 0
+        self.setting_index = index
+        s = self.settings[index]
+        self.gen_length, self.block_length, self.steps, self.threshold = (
+            s["gen_length"], s["block_length"], s["steps"], s["threshold"])
 
     def step(self, action):
         s = self.session
@@ -297,7 +317,8 @@ class BlockReuseEnv(ReuseEnvBase):
 
     def reference_answer(self, index: int) -> torch.Tensor:
         """The no-cache answer of prompt `index` (gen_length ids), computed once with generate(policy='full')."""
-        if index not in self._reference:
+        key = (index, self.setting_index)
+        if key not in self._reference:
             from cache_core.generate import generate
 
             t0 = time.perf_counter()
@@ -305,9 +326,9 @@ class BlockReuseEnv(ReuseEnvBase):
             result = generate(self.model, [list(item.prompt_ids)], self.gen_length, self.block_length, self.steps,
                               threshold=self.threshold, temperature=self.temperature, policy="full",
                               remasking=self.remasking, seed=0)
-            self._reference[index] = result.tokens[0].detach().cpu()
+            self._reference[key] = result.tokens[0].detach().cpu()
             self.timings["reference_s"] += time.perf_counter() - t0
-        return self._reference[index]
+        return self._reference[key]
 
     def describe(self) -> dict[str, Any]:
         """Settings that define the environment's data (written into shard manifests)."""
@@ -317,6 +338,7 @@ class BlockReuseEnv(ReuseEnvBase):
             "max_prompt_length": self.max_prompt_length, "max_blocks": self.max_blocks, "n_layers": self.n_layers,
             "action_mode": self.action_mode, "budget": None if self.budget_range is None else list(self.budget_range),
             "drift_cap": self.drift_cap, "prompts": self.prompts.describe(), **self.weights,
+            **({"settings": self.settings} if len(self.settings) > 1 else {}),
         }
 
     # --- internals ------------------------------------------------------------------------------------------------
@@ -402,17 +424,19 @@ def _prompt_set(prompts: PromptSet | Sequence[Any] | None, tokenizer: Any, cfg: 
 
 def _max_prompt_length(prompts: PromptSet, cfg: EnvConfig, max_sequence_length: int) -> int:
     """The padded prompt length that fixes the observation's block count, checked against the prompts and model."""
-    longest, bl = prompts.max_prompt_length, cfg.block_length
+    # Every setting's block must divide the padded prompt: round up to their least common multiple.
+    longest, bl = prompts.max_prompt_length, math.lcm(*(s["block_length"] for s in cfg.setting_list))
     need = -(-longest // bl) * bl
     max_prompt_length = need if cfg.max_prompt_length is None else cfg.max_prompt_length
     if longest > max_prompt_length:
         raise ValueError(f"a prompt has {longest} tokens > env.max_prompt_length={max_prompt_length}: raise "
                          f"max_prompt_length to at least {need}")
-    if (max_prompt_length + cfg.gen_length) % bl:
-        raise ValueError(f"env.block_length={bl} does not divide the canvas max_prompt_length + gen_length = "
-                         f"{max_prompt_length} + {cfg.gen_length}: set env.max_prompt_length to a multiple of "
-                         f"block_length (e.g. {-(-max_prompt_length // bl) * bl})")
-    canvas = max_prompt_length + cfg.gen_length
+    if (max_prompt_length + cfg.gen_length) % cfg.block_length or max_prompt_length % bl:
+        raise ValueError(f"env.block_length={cfg.block_length} (and every env.decode_settings block length) must "
+                         "divide "
+                         f"env.max_prompt_length={max_prompt_length}: set it to a multiple of block_length (e.g. "
+                         f"{-(-max_prompt_length // bl) * bl})")
+    canvas = max_prompt_length + max(s["gen_length"] for s in cfg.setting_list)
     if canvas > max_sequence_length:
         raise ValueError(f"max_prompt_length + gen_length = {canvas} exceeds the model's max_sequence_length="
                          f"{max_sequence_length}: shorten env.max_prompt_length or env.gen_length")

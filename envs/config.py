@@ -25,6 +25,7 @@ from cache_core.registry import check_policy_name
 from cache_core.session import validate_generation_args
 
 PROMPT_ORDERS = ("random", "cycle")
+SETTING_KEYS = ("gen_length", "block_length", "steps", "threshold")  # what env.decode_settings entries may override
 BACKENDS = ("local", "ray")
 RANDOM_SCOPES = ("step", "episode")
 
@@ -92,6 +93,10 @@ class EnvConfig:
     max_prompt_length: int | None = None  # fixes the observation: max_blocks = (this + gen_length) / block_length
     action_mode: str = "binary"  # binary: MultiBinary (1 = refresh) | depth: MultiDiscrete, j = recompute top j layers
     budget: Any = None  # None | a FLOP fraction in (0, 1] | [low, high] sampled per episode (observation `budget`)
+    # Decoding settings drawn per episode (one policy for every setting): a list of overrides of gen_length /
+    # block_length / steps / threshold, e.g. [{block_length: 8}, {steps: null, threshold: 0.9}]; null = the one setting
+    # above. The observation is sized for the smallest block length and the largest canvas.
+    decode_settings: list[dict[str, Any]] | None = None
     # Reward weights (envs.reward): per step - w_flops * FLOP fraction - w_kl * KL - w_flip * flip; at the end
     # + w_exact * exact match + w_agree * agreement with no-cache - w_budget * budget overshoot.
     w_flops: float = 0.02  # ~1/steps: a whole episode of full recompute costs ~1.3 (64 steps)
@@ -137,9 +142,37 @@ class EnvConfig:
         except ValueError as err:
             raise ValueError(f"env: {err}") from None
         self.budget_range = parse_budget(self.budget, "env.budget")
+        self.setting_list = self._settings()
         if not self.shadow and (self.w_kl or self.w_flip):
             raise ValueError("env.shadow=false removes the full-recompute reference, so env.w_kl and env.w_flip must "
                              "be 0 (or set env.shadow=true)")
+
+    def _settings(self) -> list[dict[str, Any]]:
+        """Every per-episode decoding setting, complete (gen_length, block_length, steps, threshold) and checked."""
+        base = {"gen_length": self.gen_length, "block_length": self.block_length, "steps": self.steps,
+                "threshold": self.threshold}
+        if self.decode_settings is None:
+            return [base]
+        if isinstance(self.decode_settings, (str, dict)) or not self.decode_settings:
+            raise ValueError(f"env.decode_settings={self.decode_settings!r} must be null or a non-empty list of "
+                             "setting overrides, "
+                             "e.g. [{block_length: 8}, {steps: null, threshold: 0.9}]")
+        out = []
+        for i, override in enumerate(self.decode_settings):
+            override = dict(override) if hasattr(override, "items") else override
+            if not isinstance(override, dict) or set(override) - set(SETTING_KEYS):
+                raise ValueError(f"env.decode_settings[{i}]={override!r}: each entry overrides some of "
+                                 f"{list(SETTING_KEYS)}")
+            setting = {**base, **override}
+            if override.get("threshold") is not None and "steps" not in override:
+                setting["steps"] = None  # a threshold entry decodes by confidence: no step count unless it names one
+            try:
+                validate_generation_args([[0]], setting["gen_length"], setting["block_length"], setting["steps"],
+                                         setting["threshold"], self.temperature, self.remasking)
+            except ValueError as err:
+                raise ValueError(f"env.decode_settings[{i}]: {err}") from None
+            out.append(setting)
+        return out
 
     @property
     def reward(self) -> RewardWeights:

@@ -130,7 +130,7 @@ def write_synthetic_shards(directory: str | Path, episodes: int = 12, steps: int
 
     rng = np.random.default_rng(seed)
     forced, valid = schema.block_index(schema.forced), schema.block_index(schema.valid)
-    if schema.id == TEXT_SCHEMA.id:  # the text rule, as it always was
+    if schema.family == "text":  # the text rule, as it always was
         signals = ["changed_since_refresh", "steps_since_refresh"]
     else:
         roles = {schema.forced, schema.valid, schema.attention, schema.relative}

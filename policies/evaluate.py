@@ -37,7 +37,7 @@ from cache_core.bench.benchmark import (
     write_results,
 )
 from cache_core.cache import RefreshPlan
-from cache_core.features import TEXT_SCHEMA, FeatureSchema, StepFeatures
+from cache_core.features import TEXT_SCHEMA, FeatureSchema, StepFeatures, projectable
 from cache_core.learned import LearnedPolicy, policy_files, read_manifest
 from cache_core.policy import ReusePolicy, StepContext
 from envs.config import RayConfig
@@ -77,6 +77,8 @@ class BudgetedPolicy(ReusePolicy):
     def plan(self, features: StepFeatures | None, ctx: StepContext) -> RefreshPlan:
         schema = getattr(self.inner, "schema", None)
         schema = schema if isinstance(schema, FeatureSchema) else features.schema
+        if schema.id != features.schema.id and projectable(features.schema, schema):
+            features = features.project(schema)  # an older schema of this family (a text v1 policy)
         if schema.id != features.schema.id:  # the inner policy refuses them, with a message naming both schemas
             return self.inner.plan(features, ctx)
         global_ = features.global_.clone()
@@ -236,7 +238,8 @@ def print_summary(summary: dict[str, Any], max_em_loss: float, min_agreement: fl
 
 
 def run(cfg: RootConfig) -> dict[str, Any]:
-    """`mode=evaluate`: heuristics, oracle and learned policy files on the test split -> JSON, table, Pareto PNG."""
+    """`mode=evaluate`: heuristics, oracle and learned policy files on the test split -> JSON, table, Pareto PNGs
+    (one per batch size, and `<name>_pareto.png` at the largest)."""
     from cache_core.bench import taskfile
     from cache_core.bench.config import make_task
     from policies.config import family_of_config
@@ -283,5 +286,5 @@ def run(cfg: RootConfig) -> dict[str, Any]:
     finally:
         run.finish()
     print(f"evaluate files (in {Path(out['json']).parent}):\n  JSON: {out['json']}\n  table: {out['table']}\n"
-          f"  plot: {out['plot']}")
+          f"  plot: {out['plot']}\n  plots per batch size: {', '.join(out['plots'])}")
     return {**out, "summary": summary}

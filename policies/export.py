@@ -128,6 +128,8 @@ def export_onnx(net: nn.Module, path: str | Path, *, action_mode: str, output: s
         "n_layers": int(n_layers), "output": output,
         "threshold": float(threshold), "budget_conditioned": bool(budget_conditioned),
         "default_budget": None if default_budget is None else float(default_budget),
+        # A budget-conditioned binary policy holds its budget as a FLOP fraction (cache_core.learned.budget_refresh).
+        "budget_control": "enforce" if budget_conditioned and action_mode == "binary" else "feature",
         "input": {"name": INPUT_NAME, "shape": ["batch", "n_blocks", schema.n_features],
                   "block_features": list(schema.block_names), "global_features": list(schema.global_names)},
         "source": dict(source or {}), "metrics": dict(metrics or {}), "opset": OPSET,

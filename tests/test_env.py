@@ -13,7 +13,7 @@ from helpers import compose_cfg
 
 import envs  # noqa: F401  (registers the id)
 from cache_core.actions import oracle_start_layer
-from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES
+from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, TEXT_SCHEMA
 from cache_core.generate import generate
 from cache_core.oracle import OraclePolicy
 from cache_core.policy import StepContext
@@ -96,7 +96,7 @@ def test_observation_is_the_session_features():
         np.testing.assert_allclose(obs["blocks"][off:], f.blocks[0].numpy(), atol=1e-6)
         assert not obs["blocks"][:off].any(), "padded rows must be zero"
         np.testing.assert_allclose(obs["global"], f.global_[0].numpy(), atol=1e-6)
-        assert obs["global"][-1] == pytest.approx(0.5)  # budget column
+        assert obs["global"][TEXT_SCHEMA.global_index("budget")] == pytest.approx(0.5)  # budget column
         obs, _, _, _, info = env.step(env.action_space.sample())
 
 
@@ -210,7 +210,7 @@ def test_budget_penalty_and_sampling():
     budgets = {ranged.reset(seed=s)[1]["budget"] for s in range(5)}
     assert len(budgets) == 5 and all(0.2 <= b <= 0.6 for b in budgets)
     obs, info = ranged.reset(seed=0, options={"budget": 0.25})
-    assert obs["global"][-1] == pytest.approx(0.25)
+    assert obs["global"][TEXT_SCHEMA.global_index("budget")] == pytest.approx(0.25)
 
 
 # --- actions, plans, policies -----------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def test_learned_specs(files):
 
 
 def test_budgeted_policy_sets_the_budget_feature(files):
-    inner = LearnedPolicy(files / "budgeted.onnx")
+    inner = LearnedPolicy(files / "budgeted.onnx", budget_control="feature")  # the feature alone, no runtime control
     seen = {}
 
     def scores(features: StepFeatures) -> np.ndarray:
@@ -61,7 +61,7 @@ def test_budgeted_policy_sets_the_budget_feature(files):
 
     inner.scores = scores
     policy = BudgetedPolicy(inner, 0.25)
-    features = StepFeatures(torch.rand(1, 4, N_BLOCK_FEATURES), torch.ones(1, 5))
+    features = StepFeatures(torch.rand(1, 4, N_BLOCK_FEATURES), torch.ones(1, len(GLOBAL_FEATURE_NAMES)))
     policy.plan(features, SimpleNamespace(n_layers=2))
     assert seen["x"][0, GLOBAL_FEATURE_NAMES.index("budget")] == 0.25
     assert features.global_[0, GLOBAL_FEATURE_NAMES.index("budget")] == 1.0  # the caller's features untouched

@@ -10,7 +10,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cache_core.features import N_BLOCK_FEATURES, SCHEMA_ID, StepFeatures
+from cache_core.features import (
+    N_BLOCK_FEATURES,
+    N_GLOBAL_FEATURES,
+    SCHEMA_ID,
+    TEXT_SCHEMA,
+    TEXT_SCHEMA_V1,
+    StepFeatures,
+    projectable,
+)
 from cache_core.generate import generate
 from cache_core.learned import LearnedPolicy, PolicyFileError, load_policy
 from cache_core.policy import ReusePolicy
@@ -53,7 +61,7 @@ def _random_features(seed: int, B: int = 3, nb: int = 9) -> StepFeatures:
     g = torch.Generator().manual_seed(seed)
     blocks = torch.rand(B, nb, N_BLOCK_FEATURES, generator=g)
     blocks[..., 0] = 2 * blocks[..., 0] - 1
-    return StepFeatures(blocks, torch.rand(B, 5, generator=g))
+    return StepFeatures(blocks, torch.rand(B, N_GLOBAL_FEATURES, generator=g))
 
 
 CASES = [("mlp", "binary", "refresh_logit", 1), ("transformer", "binary", "refresh_logit", 1),
@@ -211,11 +219,14 @@ def test_shipped_policies_load_and_the_weights_match_the_graph():
 
     for name in ("predictor", "rl_agent"):
         policy = LearnedPolicy(SHIPPED / f"{name}.onnx")
-        assert policy.manifest["schema_id"] == SCHEMA_ID
+        # The short-regime files predate the setting columns: text schema v1, read out of v2 features.
+        assert policy.manifest["schema_id"] == TEXT_SCHEMA_V1.id and projectable(TEXT_SCHEMA, policy.schema)
+    for name in ("long_predictor", "long_rl_agent"):
+        assert LearnedPolicy(SHIPPED / f"{name}.onnx").manifest["schema_id"] == SCHEMA_ID
     tensors, meta = read_predictor(SHIPPED / "predictor.safetensors")
     net = BlockPredictor(**meta["net_config"]).eval()
     net.load_state_dict(tensors)
-    x = _random_features(4, 7, seed=3)
+    x = _random_features(4, 7, seed=3, schema=TEXT_SCHEMA_V1)
     with torch.no_grad():
         expected = net(x).numpy()
     got = LearnedPolicy(SHIPPED / "predictor.onnx").scores(SimpleNamespace(policy_input=lambda: x))

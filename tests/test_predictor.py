@@ -10,7 +10,7 @@ import torch
 from helpers import compose_cfg
 
 from cache_core.actions import oracle_actions
-from cache_core.features import BLOCK_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES
+from cache_core.features import BLOCK_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES, TEXT_SCHEMA
 from cache_core.oracle import OraclePolicy
 from policies.data import (
     BUDGET_COLUMN,
@@ -50,7 +50,8 @@ def test_bad_arguments_are_refused():
         BlockPredictor(arch="lstm")
     with pytest.raises(ValueError, match="divisible by n_heads"):
         BlockPredictor(hidden=10, arch="transformer", n_heads=3)
-    with pytest.raises(ValueError, match=r"expects x of shape \(B, n_blocks, 17\)"):
+    width = N_BLOCK_FEATURES + N_GLOBAL_FEATURES
+    with pytest.raises(ValueError, match=rf"expects x of shape \(B, n_blocks, {width}\)"):
         BlockPredictor()(torch.zeros(2, 3, 5))
 
 
@@ -59,7 +60,8 @@ def test_ignored_features_do_not_move_the_output(arch):
     net = BlockPredictor(hidden=16, arch=arch, ignore_features=["compute_spent", "budget"]).eval()
     x = features()
     other = x.clone()
-    other[..., N_BLOCK_FEATURES + 3:] = torch.rand(3, 1, 2)  # compute_spent, budget
+    for name in ("compute_spent", "budget"):
+        other[..., TEXT_SCHEMA.input_index(name)] = torch.rand(3, 1)
     with torch.no_grad():
         assert torch.equal(net(x), net(other))
         assert not torch.equal(net(x), net(x + 0.1))

@@ -181,7 +181,8 @@ def test_monitor_alarms_raise_the_budget_of_their_rows(model, prompts):
     alarms = sum(s.monitor_alarms for s in session.stats.steps)
     assert alarms > 0
     assert float(session.budget_boost.sum()) == pytest.approx(0.25 * alarms)
-    budget = session.features(0.5).global_[:, -1]
+    features = session.features(0.5)
+    budget = features.global_[:, features.schema.global_index("budget")]
     assert torch.allclose(budget, (0.5 + session.budget_boost).clamp(max=1.0))
 
 

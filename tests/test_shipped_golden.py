@@ -17,6 +17,7 @@ import pytest
 
 from cache_core import generate, load_model, load_tokenizer
 from cache_core.bench.tasks import TaskSuite
+from cache_core.features import TEXT_SCHEMA_V1
 from cache_core.registry import make_policy
 from envs.block_reuse_env import BlockReuseEnv
 
@@ -84,7 +85,9 @@ def test_env_episodes_match_the_recorded_ones(builtin):
             action = env.policy_action(policy) if policy else (rng.random(env.max_blocks) < 0.3).astype(np.int8)
             obs, reward, done, _, info = env.step(action)
             rewards.append(reward)
-            obs_sum += float(obs["blocks"].astype(np.float64).sum() + obs["global"].astype(np.float64).sum())
+            # The recorded sums are over the v1 columns (the v2 setting columns came later, appended after them).
+            v1_global = obs["global"][: TEXT_SCHEMA_V1.n_global]
+            obs_sum += float(obs["blocks"].astype(np.float64).sum() + v1_global.astype(np.float64).sum())
         assert info["generated"].tolist() == want["generated"], want["policy"]
         assert info["episode_flops"] == pytest.approx(want["episode_flops"], rel=1e-12)
         assert rewards == pytest.approx(want["rewards"], rel=1e-9, abs=1e-12)

@@ -164,6 +164,7 @@ class PretrainConfig:
     eval_examples: int = MISSING
     eval_steps: int = MISSING
     test_examples: int = MISSING
+    test_threshold: float | None = MISSING  # also report test exact match under threshold (parallel) decoding
     init_from: str | None = MISSING
     progress_bar: bool = MISSING
 
@@ -183,6 +184,7 @@ class PretrainConfig:
         v.fraction(p + "semi_ar_fraction", self.semi_ar_fraction, open_low=False)
         v.choice(p + "accelerator", self.accelerator, ("cpu", "gpu", "cuda", "auto", "mps"))
         v.number(p + "max_minutes", self.max_minutes, low=0.0, open_low=True, optional=True)
+        v.number(p + "test_threshold", self.test_threshold, low=0.0, high=1.0, open_low=True, optional=True)
 
 
 @dataclass
@@ -195,6 +197,14 @@ class BenchmarkConfig:
     include_oracle: bool = MISSING
     device: str = MISSING
     output_dir: str = MISSING
+    # Exported policy files, as `evaluate.learned` (policies.config.LearnedEntry: name, path, required, knob, value;
+    # typed Any here because that class lives in the policies package): a missing file is skipped unless required.
+    learned: list[Any] = field(default_factory=list)
+    thresholds: list[float] | None = None  # refresh-logit files' sweep; null = LearnedPolicy.knob_sweep
+    budgets: list[float] | None = None  # budget-conditioned files' sweep; null = their manifest's threshold sweep
+    # ModelConfig fields to replace in the checkpoint's config, with random weights: a timing model (exact match is
+    # meaningless there). null = the checkpoint itself.
+    random_model: Any = None  # a dict of ModelConfig fields (Any: Hydra cannot merge a dict into a null Dict node)
 
     def __post_init__(self) -> None:
         v.choice("benchmark.split", self.split, SPLITS)
@@ -204,6 +214,36 @@ class BenchmarkConfig:
         v.numbers("benchmark.batch_sizes", self.batch_sizes, integer=True, low=1)
         for size, cap in self.examples_per_batch_size.items():
             v.number(f"benchmark.examples_per_batch_size[{size}]", cap, integer=True, low=1)
+        v.numbers("benchmark.thresholds", self.thresholds, optional=True, low=0.0, high=1.0)
+        v.numbers("benchmark.budgets", self.budgets, optional=True, low=0.0, high=1.0, open_low=True)
+        if self.learned:
+            from policies.config import LearnedEntry  # the one definition, evaluate.learned's
+
+            entries = []
+            for i, entry in enumerate(self.learned):
+                if not isinstance(entry, LearnedEntry):
+                    try:
+                        entry = LearnedEntry(**dict(entry))
+                    except (TypeError, ValueError) as err:
+                        raise ValueError(f"benchmark.learned[{i}]={entry!r}: {err}; give {{name, path}} (and "
+                                         "optionally required, knob, value)") from None
+                v.text(f"benchmark.learned[{i}].name", entry.name)
+                v.text(f"benchmark.learned[{i}].path", entry.path)
+                entries.append(entry)
+            self.learned = entries
+        if self.random_model is not None:
+            from cache_core.models import ModelConfig
+
+            if not isinstance(self.random_model, dict):
+                raise ValueError(f"benchmark.random_model={self.random_model!r} must be null or a dict of ModelConfig "
+                                 "fields, e.g. {d_model: 1024, n_heads: 16}")
+            unknown = sorted(set(self.random_model) - ModelConfig.field_names())
+            if unknown or not self.random_model:
+                raise ValueError(f"benchmark.random_model={self.random_model!r}: give ModelConfig fields to replace "
+                                 f"(unknown: {unknown}; known: {sorted(ModelConfig.field_names())})")
+            if {"vocab_size", "mask_token_id"} & set(self.random_model):
+                raise ValueError("benchmark.random_model may not change vocab_size or mask_token_id: the model "
+                                 "keeps the checkpoint's tokenizer")
 
 
 @dataclass

@@ -91,14 +91,16 @@ class TrainStream(IterableDataset):
 
 
 class TaskDataModule(L.LightningDataModule):
-    def __init__(self, suite: TaskSuite, tok: Tokenizer, batch_size: int, stream: int, num_workers: int = 0):
+    def __init__(self, suite: TaskSuite, tok: Tokenizer, batch_size: int, stream: int, num_workers: int = 0,
+                 gen_length: int = GEN_LENGTH):
         super().__init__()
         self.suite, self.tok = suite, tok
         self.batch_size, self.stream, self.num_workers = batch_size, stream, num_workers
+        self.gen_length = gen_length
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TrainStream(self.suite, self.stream), batch_size=self.batch_size,
-                          collate_fn=lambda ex: collate(ex, self.tok), num_workers=self.num_workers)
+                          collate_fn=lambda ex: collate(ex, self.tok, self.gen_length), num_workers=self.num_workers)
 
 
 # --- objective --------------------------------------------------------------------------------------------------
@@ -208,8 +210,9 @@ class DiffusionLM(L.LightningModule):
 
 @torch.no_grad()
 def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_length: int = GEN_LENGTH,
-             block_length: int = BLOCK_LENGTH, steps: int = GEN_LENGTH, batch_size: int = 32) -> dict[str, float]:
-    """Exact match (no cache) per task and overall ('all')."""
+             block_length: int = BLOCK_LENGTH, steps: int | None = GEN_LENGTH, batch_size: int = 32,
+             threshold: float | None = None) -> dict[str, float]:
+    """Exact match (no cache) per task and overall ('all'); threshold: Fast-dLLM parallel decoding (steps None)."""
     was_training = model.training
     model.eval()
     hits: dict[str, list[bool]] = {}
@@ -217,7 +220,8 @@ def evaluate(model: LLaDAModel, tok: Tokenizer, examples: list[Example], gen_len
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         prompts = [tok.encode(e.prompt) for e in chunk]
-        tokens = generate(model, prompts, gen_length=gen_length, block_length=block_length, steps=steps).tokens
+        tokens = generate(model, prompts, gen_length=gen_length, block_length=block_length, steps=steps,
+                          threshold=threshold).tokens
         for e, row in zip(chunk, tokens.tolist()):
             text = tok.decode(row)
             hits.setdefault(e.task, []).append(score(text, e))
@@ -239,8 +243,11 @@ class ProgressAndEval(L.Callback):
     """Log lines every `log_every` steps; every `eval_every` steps exact match on held-out validation examples,
     saving the best model so far to the checkpoint directory (a killed run still leaves its best checkpoint)."""
 
-    def __init__(self, tok: Tokenizer, val: list[Example], pcfg: Any, out_dir: Path, extra: dict[str, Any]):
+    def __init__(self, tok: Tokenizer, val: list[Example], pcfg: Any, out_dir: Path, extra: dict[str, Any],
+                 decode: dict[str, Any] | None = None):
         self.tok, self.val, self.pcfg, self.out_dir, self.extra = tok, val, pcfg, out_dir, extra
+        # The validation decode: the generation group's canvas and block, pcfg.eval_steps steps, no cache.
+        self.decode = decode or {"gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH, "steps": pcfg.eval_steps}
         self.best = -1.0
         self.best_key: tuple[float, float] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -267,7 +274,7 @@ class ProgressAndEval(L.Callback):
         if not self.val:
             return
         t0 = time.time()
-        metrics = evaluate(model, self.tok, self.val, steps=self.pcfg.eval_steps)
+        metrics = evaluate(model, self.tok, self.val, **self.decode)
         self.history.append({"step": step, **metrics})
         log.info("eval step %d: %s (%.0fs)", step, _fmt(metrics), time.time() - t0)
         if trainer is not None and trainer.logger is not None:
@@ -300,8 +307,11 @@ def run(cfg: Any) -> dict[str, Any]:
     model_cfg = cfg.model.to_model_config(tok)
     out_dir = Path(pcfg.output_dir) / pcfg.name
     val = suite.split("validation", pcfg.eval_examples)
-    extra = {"task": {"tasks": list(tcfg.tasks), "seed": tcfg.seed, "gen_length": GEN_LENGTH,
-                      "block_length": BLOCK_LENGTH},
+    # The canvas and decoding block come from the generation group (generation=long: 256 positions, blocks of 32).
+    gen_length, block_length = int(cfg.generation.gen_length), int(cfg.generation.block_length)
+    decode = {"gen_length": gen_length, "block_length": block_length, "steps": pcfg.eval_steps}
+    extra = {"task": {"tasks": list(tcfg.tasks), "seed": tcfg.seed, "gen_length": gen_length,
+                      "block_length": block_length},
              "pretrain": asdict(pcfg)}
 
     module = DiffusionLM(model_cfg, lr=pcfg.lr, weight_decay=pcfg.weight_decay, warmup_steps=pcfg.warmup_steps,
@@ -321,8 +331,8 @@ def run(cfg: Any) -> dict[str, Any]:
         log.info("initialised from %s", pcfg.init_from)
     n_params = sum(p.numel() for p in module.model.parameters())
     log.info("pretraining %s: %s, %.2fM parameters -> %s", pcfg.name, model_cfg, n_params / 1e6, out_dir)
-    callback = ProgressAndEval(tok, val, pcfg, out_dir, extra)
-    data = TaskDataModule(suite, tok, pcfg.batch_size, stream=pcfg.seed)
+    callback = ProgressAndEval(tok, val, pcfg, out_dir, extra, decode)
+    data = TaskDataModule(suite, tok, pcfg.batch_size, stream=pcfg.seed, gen_length=gen_length)
     logger = tracking.lightning_logger(cfg.logger, "pretrain", cfg)
     try:
         trainer = L.Trainer(
@@ -344,13 +354,20 @@ def run(cfg: Any) -> dict[str, Any]:
             model.load_state_dict(callback.best_state)
         test = suite.split("test", pcfg.test_examples)
         t0 = time.time()
-        test_metrics = evaluate(model, tok, test, steps=pcfg.eval_steps) if test else {}
+        test_metrics = evaluate(model, tok, test, **decode) if test else {}
         log.info("test exact match (%d examples, best step %d): %s (%.0fs)", len(test), callback.best_step,
                  _fmt(test_metrics), time.time() - t0)
+        # Parallel decoding too when asked (the long regime must hold its exact match under both schedules).
+        threshold_metrics = {}
+        if test and pcfg.test_threshold is not None:
+            threshold_metrics = evaluate(model, tok, test, gen_length=gen_length, block_length=block_length,
+                                         steps=None, threshold=pcfg.test_threshold)
+            log.info("test exact match, threshold %.2f decoding: %s", pcfg.test_threshold, _fmt(threshold_metrics))
         result = {
             "checkpoint": str(out_dir), "steps": step, "best_step": callback.best_step, "train_seconds": train_seconds,
             "parameters": n_params, "validation_exact_match": callback.history[-1] if callback.history else {},
             "best_validation_exact_match": callback.best, "test_exact_match": test_metrics,
+            "test_exact_match_threshold": threshold_metrics,
             "test_examples": len(test), "history": callback.history,
         }
         save_checkpoint(model, out_dir, tokenizer=tok, extra={**extra, **{k: v for k, v in result.items()

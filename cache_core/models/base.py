@@ -63,6 +63,9 @@ class PartialForwardTrace:
     value_drift: torch.Tensor | None = None
     extra_flops: float = 0.0  # probes that are not part of a layer's compute (adaptive value probes)
     adaptive_counts: torch.Tensor | None = None  # (n_layers, B) positions added by an adaptive refresh
+    # (n_layers, B, N) cosine similarity of each carried position's fresh value with its cached one at each layer
+    # (dLLM-Cache's test); NaN where the position was not a candidate there
+    adaptive_similarity: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -223,11 +226,17 @@ class DiffusionModel(nn.Module):
             layer 0.
         trace_attention: True/"all": record every layer's attention of the logit queries (Elastic-Cache reads them);
             "last": the last layer's only (all the feature schema reads); False: none.
-        adaptive: optional (candidates (B, N) bool, fraction rho): dLLM-Cache's per-layer rule; at each layer the
-            candidates' values are recomputed from the layer's current input, and the rho fraction least similar to
-            the cached values are recomputed in that layer too.
-        The cache's keys, values and layer inputs are updated in place at every computed position. With every position
-        active from layer 0 it computes what `forward` does. Returns logits (B, n_out, vocab) and a trace.
+        adaptive: optional (candidates (B, N) bool, fraction rho): dLLM-Cache's per-layer rule (needs the cache's
+            residual updates, `BlockKVCache.enable_residual_updates`). The candidates not refreshed from layer 0 are
+            *carried* (the decoding block and its logit sources always run from layer 0, so they never are): they
+            enter layer 0 with the embedding of their current token, and at every layer below their start layer their
+            values are projected from that fresh input and compared with the cached values
+            (cosine); per row the floor(rho * n) least similar of the n carried positions are recomputed in that
+            layer (K/V, attention, MLP, cached update), and the others go on with input + cached residual update.
+            Either way their input to the next layer is fresh, and it is what the cache keeps as their layer input.
+        The cache's keys, values, layer inputs (and residual updates, when kept) are updated in place at every
+        computed position. With every position active from layer 0 it computes what `forward` does. Returns logits
+        (B, n_out, vocab) and a trace.
         """
         self.check_input(input_ids)
         n_layers = self.facts.n_layers
@@ -240,12 +249,23 @@ class DiffusionModel(nn.Module):
                              "recomputed from layer 0 (start_layer == 0)")
 
         first = start_layer == 0
-        if bool(first.any()):
-            idx, _ = active_index(first)
-            cache.set_hidden(0, rows, idx, self.embed(input_ids.gather(1, idx)))
+        carried = None
+        if adaptive is not None:
+            if cache.updates is None:
+                raise ValueError("an adaptive (dLLM-Cache) plan needs the cache's residual updates: call "
+                                 "cache.enable_residual_updates() first (DecodingSession.step does)")
+            candidates, rho = adaptive
+            carried = candidates & cache.resident & ~first  # padding and evicted positions are never carried
+        embedded = first if carried is None else first | carried
+        inputs = None  # the positions whose input to the layer was written by this forward
+        if bool(embedded.any()):
+            inputs, _ = active_index(embedded)
+            cache.set_hidden(0, rows, inputs, self.embed(input_ids.gather(1, inputs)))
 
         active_counts = torch.zeros(n_layers, B, dtype=torch.long)
         adaptive_counts = torch.zeros(n_layers, B, dtype=torch.long) if adaptive is not None else None
+        similarity = torch.full((n_layers, B, N), float("nan"), device=input_ids.device) if adaptive is not None \
+            else None
         check_trace_attention(trace_attention)
         traced = [] if not trace_attention else [n_layers - 1] if trace_attention == "last" else range(n_layers)
         attention = torch.zeros(len(traced), B, logit_positions.shape[1], N) if traced else None
@@ -256,12 +276,14 @@ class DiffusionModel(nn.Module):
         for layer in range(n_layers):
             cache.open_layer(layer)
             active = start_layer <= layer
-            if adaptive is not None:
-                candidates, rho = adaptive
-                chosen, probe_flops = self._adaptive_choice(cache, layer, candidates & ~active, rho)
+            carry = None
+            if carried is not None:
+                carry = carried & ~active  # carried through this layer unless picked
+                chosen, similarity[layer], probe_flops = self._adaptive_choice(cache, layer, carry, rho)
                 extra_flops += probe_flops
                 adaptive_counts[layer] = chosen.sum(1).cpu()
                 active = active | chosen
+                carry = carry & ~chosen
             idx, counts = active_index(active)
             active_counts[layer] = counts.cpu()
             real = packing_mask(idx, counts)
@@ -279,10 +301,23 @@ class DiffusionModel(nn.Module):
             cache.computed[layer][rows, idx] = True
             if layer in traced:
                 attention[layer - n_layers] = _attention_to_keys(q, cache, layer, idx, logit_positions)
-            x = self.layer_finish(layer, x, q, cache.keys[layer], cache.values[layer], cache.attention_mask, real)
-            cache.close_layer(layer, idx)
+            x_out = self.layer_finish(layer, x, q, cache.keys[layer], cache.values[layer], cache.attention_mask, real)
+            if cache.updates is not None:
+                cache.updates[layer][rows, idx] = x_out - x
+            written, x = idx, x_out
+            if carry is not None and layer + 1 < n_layers and bool(carry.any()):
+                # The carried positions not picked here add their cached update (attention + MLP of this layer) to
+                # their fresh input: the same as running the layer on cached attention and MLP outputs, at the cost
+                # of one addition (not counted in the FLOPs).
+                written, _ = active_index(active | carry)
+                nxt = cache.hidden[layer] + cache.updates[layer]
+                nxt[rows, idx] = x_out
+                x = nxt[rows, written]
+            # Pages to store: the computed positions, and the carried ones whose input changed.
+            cache.close_layer(layer, idx if carried is None or inputs is None else torch.cat([idx, inputs], 1))
+            inputs = written
             if layer + 1 < n_layers:
-                cache.set_hidden(layer + 1, rows, idx, x)
+                cache.set_hidden(layer + 1, rows, written, x)
             else:
                 out = x
         # The logits' source positions are active in the last layer; find them among its active rows (idx is its).
@@ -291,29 +326,34 @@ class DiffusionModel(nn.Module):
         nan = torch.full_like(drift_sum, float("nan"))
         value_drift = torch.where(drift_n > 0, drift_sum / drift_n.clamp(min=1), nan)
         trace = PartialForwardTrace(active_counts=active_counts, attention_to_keys=attention, value_drift=value_drift,
-                                    extra_flops=extra_flops, adaptive_counts=adaptive_counts)
+                                    extra_flops=extra_flops, adaptive_counts=adaptive_counts,
+                                    adaptive_similarity=similarity.cpu() if similarity is not None else None)
         return self.output_logits(final), trace
 
     def _adaptive_choice(self, cache: BlockKVCache, layer: int, candidates: torch.Tensor, rho: float
-                         ) -> tuple[torch.Tensor, float]:
-        """dLLM-Cache: recompute values of the candidates from the layer input, keep the rho least similar."""
+                         ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """dLLM-Cache's pick at one layer: the candidates' values projected from their current (fresh) layer input
+        against their cached values; per row the floor(rho * n) least similar of its n candidates (none when that
+        is 0; ties go to the earlier position). Returns the picked positions (B, N), the cosine similarities (B, N;
+        NaN off the candidates) and the probe's FLOPs."""
         B, N = candidates.shape
         chosen = torch.zeros_like(candidates)
+        similarity = torch.full((B, N), float("nan"), device=candidates.device)
         if not bool(candidates.any()):
-            return chosen, 0.0
-        rows = torch.arange(B, device=candidates.device)[:, None]
+            return chosen, similarity, 0.0
+        rows = torch.arange(B, device=candidates.device)[:, None].expand(B, N)
         idx, counts = active_index(candidates)
+        rows = rows[:, : idx.shape[1]]
         v_new = self.value_probe(layer, cache.hidden[layer][rows, idx])  # values carry no rotary embedding
         v_old = cache.values[layer][rows, :, idx].flatten(2)
-        similarity = F.cosine_similarity(v_new.float(), v_old.float(), dim=-1)
+        cos = F.cosine_similarity(v_new.float(), v_old.float(), dim=-1)
         valid = unique_mask(idx, counts).bool()
-        similarity = similarity.masked_fill(~valid, float("inf"))
-        for b in range(B):
-            k = math.ceil(rho * int(counts[b]))
-            if k > 0:
-                pick = similarity[b].topk(k, largest=False).indices
-                chosen[b, idx[b, pick]] = True
-        return chosen, self.value_probe_flops(float(counts.sum()))
+        similarity[rows[valid], idx[valid]] = cos[valid]
+        order = cos.masked_fill(~valid, float("inf")).argsort(dim=1, stable=True)  # least similar first
+        k = (counts.double() * rho).floor().long()  # floor(rho * n) in float64, as Python's int(rho * n)
+        picked = torch.arange(idx.shape[1], device=idx.device)[None, :] < k[:, None]
+        chosen[rows[picked], idx.gather(1, order)[picked]] = True
+        return chosen, similarity, self.value_probe_flops(float(counts.sum()))
 
 
 def _attention_to_keys(q: torch.Tensor, cache: BlockKVCache, layer: int, idx: torch.Tensor,
