@@ -71,7 +71,8 @@ class GenerationStats:
     @property
     def flop_fraction(self) -> float:
         """FLOPs spent / FLOPs a full recompute of the same steps would spend."""
-        return self.flops / self.full_flops if self.full_flops else float("nan")
+        full = self.full_flops  # (summed once: the compute_spent feature reads this at every step)
+        return self.flops / full if full else float("nan")
 
     @property
     def wall_s(self) -> float:

@@ -75,13 +75,16 @@ class BlockPartition:
         return slice(start, start + self.sizes_list[block])
 
     # --- reductions over blocks ----------------------------------------------------------------------------------
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """(B, N, ...) -> (B, n_blocks, ...) sums over each block's positions."""
-        B = values.shape[0]
+    def sum(self, values: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """(B, N, ...) -> (B, n_blocks, ...) sums over each block's positions; the positions on `dim` (1 by default;
+        -1: (..., N) -> (..., n_blocks), e.g. several (B, N) tensors stacked in front, each summed as it would be
+        alone)."""
+        dim = dim % values.dim()
+        lead, rest = values.shape[:dim], values.shape[dim + 1:]
         if self.uniform_size is not None:
-            return values.reshape(B, self.n_blocks, self.uniform_size, *values.shape[2:]).sum(2)
-        out = values.new_zeros(B, self.n_blocks, *values.shape[2:])
-        return out.index_add_(1, self.block_of.to(values.device), values)
+            return values.reshape(*lead, self.n_blocks, self.uniform_size, *rest).sum(dim + 1)
+        out = values.new_zeros(*lead, self.n_blocks, *rest)
+        return out.index_add_(dim, self.block_of.to(values.device), values)
 
     def mean(self, values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted mean of (B, N) values per block: (B, n_blocks); 0 where a block has no weight."""

@@ -135,6 +135,7 @@ class DecodingSession:
         self.budget_boost = torch.zeros(B, device=device)  # raised per row by the quality monitor's alarms
         self._schedule = self._block_schedule()
         self._shadow: ShadowForward | None = None
+        self.feature_memo: dict = {}  # compute_features' state across steps (see cache_core.features._View)
         self._plan_memory()
 
     def _plan_memory(self) -> None:

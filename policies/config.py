@@ -339,10 +339,19 @@ class EvaluateConfig:
     name: str = MISSING
     progress: bool = MISSING
     backend: str = MISSING  # local | ray: prompt batches fanned out to Ray workers (the ray group)
+    # Decoding settings to evaluate one after the other (null: the generation group's only): each entry overrides
+    # gen_length / block_length / steps / threshold and may carry `name` and `held_out` (a setting no policy was
+    # trained on); a combined table of the cheapest points per setting closes the run.
+    settings: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         p = "evaluate."
         v.choice(p + "backend", self.backend, BACKENDS)
+        for i, entry in enumerate(self.settings or []):
+            extra = set(entry) - {"gen_length", "block_length", "steps", "threshold", "name", "held_out"}
+            if extra:
+                raise ValueError(f"{p}settings[{i}] has unknown keys {sorted(extra)}; an entry overrides gen_length, "
+                                 "block_length, steps, threshold and may name itself (name, held_out)")
         v.choice(p + "split", self.split, SPLITS)
         v.number(p + "n_examples", self.n_examples, integer=True, low=1)
         v.numbers(p + "batch_sizes", self.batch_sizes, integer=True, low=1)

@@ -14,6 +14,7 @@ there.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,6 @@ def print_summary(summary: dict[str, Any], max_em_loss: float, min_agreement: fl
 def run(cfg: RootConfig) -> dict[str, Any]:
     """`mode=evaluate`: heuristics, oracle and learned policy files on the test split -> JSON, table, Pareto PNGs
     (one per batch size, and `<name>_pareto.png` at the largest)."""
-    from cache_core.bench import taskfile
     from cache_core.bench.config import make_task
     from policies.config import family_of_config
 
@@ -255,36 +255,124 @@ def run(cfg: RootConfig) -> dict[str, Any]:
     learned_names = sorted({s.family for s in learned})
     log.info("evaluate: %d policy points (%s learned) on %d %s examples", len(specs), learned_names or "no",
              len(examples), e.split)
-    gen = cfg.generation.kwargs()
+    base = cfg.generation.kwargs()
+    settings = [{}] if not e.settings else [dict(x) for x in e.settings]
     run = tracking.start_run(cfg.logger, "evaluate", cfg)
-    counted = dict(taskfile.COUNTERS)  # answers the scoring rule could not read, programs killed: reported below
+    model = tokenizer = None
+    results = []
     try:
-        if e.backend == "ray":
-            rows = evaluate_policies_ray(cfg.paths.model, examples, specs, list(e.batch_sizes), gen, cfg.ray,
-                                         progress=e.progress, desc=e.name)
-        else:
-            model, tokenizer = load_model_and_tokenizer(cfg.paths.model)
-            rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen,
-                                     progress=e.progress, desc=e.name)
-        summary = summarize(rows, e.max_em_loss, learned_names, e.min_agreement)
-        scoring = {k: taskfile.COUNTERS[k] - counted[k] for k in counted}
-        if any(scoring.values()):
-            log.warning("evaluate: over all policies, %d answers had no extractable final answer and %d programs "
-                        "hit their timeout (each counted wrong)", scoring["extraction_failures"],
-                        scoring["code_timeouts"])
-        meta = {"task": {"kind": cfg.task.kind, "name": cfg.task.name if cfg.task.kind == "file" else "builtin",
-                         "path": cfg.task.path, "scoring_failures": scoring},
-                "model": str(cfg.paths.model), "split": e.split, "n_examples": len(examples), "generation": gen,
-                "backend": e.backend, "workers": cfg.ray.num_workers if e.backend == "ray" else 1,
-                "threads": torch.get_num_threads(), "learned": [tracking.plain_config(x) for x in e.learned],
-                "summary": summary}
-        out = write_results(rows, tracking.per_job(e.output_dir), e.name, meta)
-        summary_text = print_summary(summary, e.max_em_loss, e.min_agreement)
-        Path(out["table"]).write_text(Path(out["table"]).read_text() + "\n" + summary_text + "\n")
-        log_results(run, rows, out, e.name)
+        for setting in settings:
+            name, held_out = setting.pop("name", None), bool(setting.pop("held_out", False))
+            gen = {**base, **setting}
+            if setting.get("threshold") is not None and "steps" not in setting:
+                gen["steps"] = None  # a threshold entry decodes by confidence
+            if e.settings:
+                name = name or setting_name(gen)
+            if e.backend != "ray" and model is None:
+                model, tokenizer = load_model_and_tokenizer(cfg.paths.model)
+            out, summary = _evaluate_one(cfg, examples, specs, learned_names, gen, model, tokenizer, run,
+                                         e.name if name is None else f"{e.name}_{name}")
+            results.append({"setting": name, "held_out": held_out, "generation": gen, "files": out,
+                            "summary": summary})
+        if e.settings:
+            table = settings_table(results, learned_names, e.max_em_loss, e.min_agreement)
+            directory = Path(tracking.per_job(e.output_dir))
+            (directory / f"{e.name}_settings.json").write_text(json.dumps(
+                {"settings": results, "table": table}, indent=2, default=str))
+            text = print_settings_table(table, e.max_em_loss, e.min_agreement)
+            (directory / f"{e.name}_settings.txt").write_text(text + "\n")
+            print(f"settings table: {directory / f'{e.name}_settings.txt'} (JSON beside it)")
         run.summary({"n_examples": len(examples), "learned": learned_names})
     finally:
         run.finish()
+    out, summary = results[-1]["files"], results[-1]["summary"]
+    return {**out, "summary": summary, "settings": results}
+
+
+def setting_name(gen: dict[str, Any]) -> str:
+    """A short label of a decoding setting: g256_b32_thr0.9, g256_b32_s256."""
+    schedule = f"thr{gen['threshold']:g}" if gen.get("threshold") is not None else f"s{gen['steps']}"
+    return f"g{gen['gen_length']}_b{gen['block_length']}_{schedule}"
+
+
+def _evaluate_one(cfg: RootConfig, examples: list[Any], specs: list[PolicySpec], learned_names: list[str],
+                  gen: dict[str, Any], model: Any, tokenizer: Any, run: Any, name: str
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every spec on the examples under one decoding setting: rows, summary, files (JSON, table, plots)."""
+    from cache_core.bench import taskfile, tracking
+
+    e = cfg.evaluate
+    counted = dict(taskfile.COUNTERS)  # answers the scoring rule could not read, programs killed: reported below
+    if e.backend == "ray":
+        rows = evaluate_policies_ray(cfg.paths.model, examples, specs, list(e.batch_sizes), gen, cfg.ray,
+                                     progress=e.progress, desc=name)
+    else:
+        rows = evaluate_policies(model, tokenizer, examples, specs, list(e.batch_sizes), gen,
+                                 progress=e.progress, desc=name)
+    summary = summarize(rows, e.max_em_loss, learned_names, e.min_agreement)
+    scoring = {k: taskfile.COUNTERS[k] - counted[k] for k in counted}
+    if any(scoring.values()):
+        log.warning("evaluate: over all policies, %d answers had no extractable final answer and %d programs "
+                    "hit their timeout (each counted wrong)", scoring["extraction_failures"],
+                    scoring["code_timeouts"])
+    meta = {"task": {"kind": cfg.task.kind, "name": cfg.task.name if cfg.task.kind == "file" else "builtin",
+                     "path": cfg.task.path, "scoring_failures": scoring},
+            "model": str(cfg.paths.model), "split": e.split, "n_examples": len(examples), "generation": gen,
+            "backend": e.backend, "workers": cfg.ray.num_workers if e.backend == "ray" else 1,
+            "threads": torch.get_num_threads(), "learned": [tracking.plain_config(x) for x in e.learned],
+            "summary": summary}
+    out = write_results(rows, tracking.per_job(e.output_dir), name, meta)
+    summary_text = print_summary(summary, e.max_em_loss, e.min_agreement)
+    Path(out["table"]).write_text(Path(out["table"]).read_text() + "\n" + summary_text + "\n")
+    log_results(run, rows, out, name)
     print(f"evaluate files (in {Path(out['json']).parent}):\n  JSON: {out['json']}\n  table: {out['table']}\n"
           f"  plot: {out['plot']}\n  plots per batch size: {', '.join(out['plots'])}")
-    return {**out, "summary": summary}
+    return out, summary
+
+
+def settings_table(results: list[dict[str, Any]], learned: list[str], max_em_loss: float, min_agreement: float
+                   ) -> list[dict[str, Any]]:
+    """One row per (setting, batch size, criterion): the best heuristic's and each learned family's cheapest point
+    meeting the criterion, and the FLOP reduction of the learned one over the heuristic."""
+    rows = []
+    for r in results:
+        for batch_size, entry in r["summary"].items():
+            for criterion in ("exact_match", "agreement"):
+                block = entry[criterion]
+                top = block["best_heuristic"]
+                row = {"setting": r["setting"], "held_out": r["held_out"], "batch_size": int(batch_size),
+                       "criterion": criterion, "full_exact_match": entry["full_exact_match"],
+                       "best_heuristic": top}
+                for name in learned:
+                    row[name] = block["best_per_family"].get(name)
+                    row[f"{name}_reduction"] = block.get(f"{name}_flop_reduction_vs_best_heuristic")
+                rows.append(row)
+    return rows
+
+
+def print_settings_table(table: list[dict[str, Any]], max_em_loss: float, min_agreement: float) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    learned = sorted({k for row in table for k in row if k.endswith("_reduction")})
+    t = Table(title=f"cheapest point per setting (exact match within {100 * max_em_loss:g} point(s) of no cache; "
+                    f">= {100 * min_agreement:g}% agreement)")
+    for col in ("setting", "held out", "batch", "criterion", "no-cache EM", "best heuristic"):
+        t.add_column(col)
+    for key in learned:
+        t.add_column(key.removesuffix("_reduction"))
+        t.add_column("reduction", justify="right")
+
+    def point(p: dict[str, Any] | None) -> str:
+        return "none meets it" if p is None else f"{p['flop_fraction']:.3f} {p['policy']}"
+
+    for row in table:
+        cells = [str(row["setting"]), "yes" if row["held_out"] else "", str(row["batch_size"]), row["criterion"],
+                 f"{row['full_exact_match']:.3f}", point(row["best_heuristic"])]
+        for key in learned:
+            name = key.removesuffix("_reduction")
+            cells += [point(row.get(name)), "" if row.get(key) is None else f"{row[key]:.2f}x"]
+        t.add_row(*cells)
+    console = Console(width=220, record=True)
+    console.print(t)
+    return console.export_text()

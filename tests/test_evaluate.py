@@ -137,3 +137,30 @@ def test_main_job_writes_only_into_its_run_directory(tmp_path):
     after = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True,
                            text=True).stdout
     assert after == status, "the main job changed the working tree"
+
+
+def test_evaluate_sweeps_decoding_settings_into_one_table(tmp_path, files):
+    """evaluate.settings runs the same policies under each decoding setting (a held-out one flagged) and closes with
+    one table of the cheapest points per setting."""
+    model = save_tiny_checkpoint(tmp_path / "tiny")
+    learned = f"evaluate.learned=[{{name: budgeted, path: '{files / 'budgeted.onnx'}'}}]"
+    settings = ("evaluate.settings=[{block_length: 8}, {block_length: 4, name: small}, "
+                "{threshold: 0.5, held_out: true}]")
+    cfg = compose_cfg(tmp_path, f"paths.model={model}", *TINY_GEN, "evaluate.n_examples=2", "evaluate.batch_sizes=[2]",
+                      "evaluate.heuristics=[dual_cache]", "evaluate.include_oracle=false", "evaluate.budgets=[0.5]",
+                      "evaluate.progress=false", learned, settings)
+    out = run(cfg)
+    names = [r["setting"] for r in out["settings"]]
+    assert names == ["g16_b8_s4", "small", "g16_b8_thr0.5"]
+    assert [r["held_out"] for r in out["settings"]] == [False, False, True]
+    assert out["settings"][2]["generation"]["steps"] is None  # a threshold entry drops the step count
+    for r in out["settings"]:
+        rows = json.loads(Path(r["files"]["json"]).read_text())
+        assert rows["meta"]["generation"]["block_length"] == r["generation"]["block_length"]
+        assert {row["family"] for row in rows["rows"]} == {"full", "dual_cache", "budgeted"}
+    table = json.loads((Path(out["json"]).parent / "evaluate_settings.json").read_text())["table"]
+    assert {(row["setting"], row["criterion"]) for row in table} == {
+        (n, c) for n in names for c in ("exact_match", "agreement")}
+    assert all("budgeted_reduction" in row for row in table)
+    with pytest.raises(ValueError, match=r"settings\[0\] has unknown keys \['block'\]"):
+        compose_cfg(tmp_path, "evaluate.settings=[{block: 8}]")

@@ -18,7 +18,9 @@ from cache_core.features import (
     N_GLOBAL_FEATURES,
     SCHEMA_ID,
     SCHEMAS,
+    SETTING_COLUMNS,
     TEXT_SCHEMA,
+    TEXT_SCHEMA_V1,
     Column,
     FeatureSchema,
     StepFeatures,
@@ -67,17 +69,19 @@ def toy_features(n_blocks: int = 5, forced: int = 4, schema: FeatureSchema = TOY
 
 
 # --- the registry ----------------------------------------------------------------------------------------------------
-def test_text_schema_id_is_unchanged():
-    # Shipped policies and shards record this exact string.
-    assert SCHEMA_ID == TEXT_SCHEMA.id == (
+def test_text_schema_ids_are_unchanged():
+    # The short-regime policies and shards record the v1 string; v2 (the long regime's) appends the setting columns.
+    assert TEXT_SCHEMA_V1.id == (
         "v1:relative_position,is_prompt,is_decoding,masked_fraction,changed_since_refresh,steps_since_refresh,"
         "confidence,entropy,attention_mass,attention_shift,refresh_drift,valid_fraction|progress,"
         "decoding_block_fraction,step_in_block,compute_spent,budget")
-    assert schema_by_id(SCHEMA_ID) is TEXT_SCHEMA and StepFeatures(torch.zeros(1, 2, 12), torch.zeros(1, 5)).schema \
-        is TEXT_SCHEMA
-    assert (TEXT_SCHEMA.n_block, TEXT_SCHEMA.n_global) == (N_BLOCK_FEATURES, N_GLOBAL_FEATURES)
-    assert TEXT_SCHEMA.global_columns == GLOBAL_COLUMNS and schema_table() == TEXT_SCHEMA.table()
-    assert TEXT_SCHEMA.input_index("budget") == N_BLOCK_FEATURES + 4
+    assert SCHEMA_ID == TEXT_SCHEMA.id == TEXT_SCHEMA_V1.id.replace("v1:", "v2:") + (
+        ",block_share,block_size,generation_share,commit_rate,threshold")
+    assert schema_by_id(SCHEMA_ID) is TEXT_SCHEMA and schema_by_id(TEXT_SCHEMA_V1.id) is TEXT_SCHEMA_V1
+    assert StepFeatures(torch.zeros(1, 2, 12), torch.zeros(1, 10)).schema is TEXT_SCHEMA
+    assert (TEXT_SCHEMA.n_block, TEXT_SCHEMA.n_global) == (N_BLOCK_FEATURES, N_GLOBAL_FEATURES) == (12, 10)
+    assert TEXT_SCHEMA.global_columns == GLOBAL_COLUMNS + SETTING_COLUMNS and schema_table() == TEXT_SCHEMA.table()
+    assert TEXT_SCHEMA.input_index("budget") == TEXT_SCHEMA_V1.input_index("budget") == N_BLOCK_FEATURES + 4
 
 
 def test_registry_round_trip_and_unknown_ids():

@@ -50,6 +50,12 @@ class ImageStepContext:
         return self.step
 
     @property
+    def key_mask(self) -> torch.Tensor:
+        """(B, N) True: every patch token is real (an image has no padding); the budget control reads block sizes
+        from it as it does from a text canvas's."""
+        return torch.ones(self.batch_size, self.n_blocks * self.block_length, dtype=torch.bool)
+
+    @property
     def block_start(self) -> bool:
         return self.step == 0
 
