@@ -316,3 +316,34 @@ def test_collect_config_composes_from_the_real_yaml(tmp_path):
     assert {p.name for p in cfg.collect.behaviour.policies} >= {"dual_cache", "oracle", "elastic_cache"}
     with pytest.raises(ValueError, match=r"collect.episodes=0 must be >= 1"):
         compose_cfg(tmp_path, "collect.episodes=0")
+
+
+def test_collection_mixes_decoding_settings(tmp_path):
+    """env.decode_settings: each episode decodes under one drawn setting; the shards (sized for the smallest block)
+    train one policy for all of them, and their setting columns tell the settings apart."""
+    from cache_core.features import TEXT_SCHEMA
+    from envs import collect as collect_module
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    settings = "env.decode_settings=[{block_length: 4, steps: 8}, {block_length: 8, steps: null, threshold: 0.5}]"
+    cfg = compose_cfg(tmp_path, f"paths.model={ckpt}", "generation.gen_length=16", "generation.block_length=8",
+                      "generation.steps=4", "collect.episodes=6", "collect.n_prompts=4", "collect.progress_bar=false",
+                      settings)
+    result = collect_module.run(cfg)
+    manifest = read_manifest(result["output_dir"])
+    assert len(manifest["env"]["settings"]) == 2
+    data = load_shards(result["output_dir"])
+    assert data["blocks"].shape[1] == manifest["max_blocks"] == (manifest["env"]["max_prompt_length"] + 16) // 4
+    block_size = data["global"][:, TEXT_SCHEMA.global_index("block_size")]
+    assert set(np.round(block_size.numpy() * 64).astype(int).tolist()) == {4, 8}  # both settings were drawn
+
+
+def test_experiment_long_composes_the_long_regime(tmp_path):
+    cfg = compose_cfg(tmp_path, "experiment=long")
+    assert (cfg.generation.gen_length, cfg.generation.block_length, cfg.generation.steps) == (256, 32, 256)
+    assert list(cfg.task.tasks) == ["motif", "shift", "xor"]
+    settings = cfg.env.setting_list
+    assert {s["block_length"] for s in settings} == {8, 16, 32}
+    assert {s["threshold"] for s in settings} == {None, 0.9} and all(
+        (s["steps"] is None) == (s["threshold"] is not None) for s in settings)
+    assert cfg.policy.budget_conditioned and cfg.rl.warm_start_auto.endswith("long_predictor.safetensors")
