@@ -263,8 +263,8 @@ def test_train_agent_runs_on_ray_env_workers(ray_local, tmp_path):
 # --- evaluation ------------------------------------------------------------------------------------------------------
 def test_ray_evaluation_gives_the_local_rows(ray_local, tmp_path):
     """evaluate.backend=ray through the job: 2 prompt batches on 2 workers, a learned policy file among the
-    heuristics; every row field equals the local run's except the wall times (and the speedups and tokens/s made of
-    them)."""
+    heuristics; every row field equals the local run's except the wall times (and the speedups, tokens/s and policy
+    time shares made of them)."""
     from envs.testing import save_tiny_checkpoint
     from policies.evaluate import run
     from policies.export import export_onnx
@@ -283,7 +283,7 @@ def test_ray_evaluation_gives_the_local_rows(ray_local, tmp_path):
         out = run(compose_cfg(tmp_path / backend, *common, f"evaluate.backend={backend}"))
         data = json.loads(Path(out["json"]).read_text())
         assert data["meta"]["backend"] == backend
-        timed = ("wall_s", "speedup", "tokens_per_s")
+        timed = ("wall_s", "speedup", "tokens_per_s", "policy_s", "policy_share")
         rows[backend] = [{k: v for k, v in r.items() if k not in timed} for r in data["rows"]]
     assert rows["ray"] == rows["local"]
     assert {r["family"] for r in rows["ray"]} == {"full", "never", "dual_cache", "oracle", "predictor"}
