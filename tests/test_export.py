@@ -224,7 +224,7 @@ def test_shipped_policies_load_and_the_weights_match_the_graph():
     for name in ("long_predictor", "long_rl_agent"):
         assert LearnedPolicy(SHIPPED / f"{name}.onnx").manifest["schema_id"] == SCHEMA_ID
     tensors, meta = read_predictor(SHIPPED / "predictor.safetensors")
-    net = BlockPredictor(**meta["net_config"]).eval()
+    net = BlockPredictor(**{**meta["net_config"], "schema_id": meta["schema_id"]}).eval()  # the v1 file's schema
     net.load_state_dict(tensors)
     x = _random_features(4, 7, seed=3, schema=TEXT_SCHEMA_V1)
     with torch.no_grad():
