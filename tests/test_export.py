@@ -119,7 +119,7 @@ def test_budget_conditioned_file_runs_at_its_default_budget(tmp_path, model):
     """A budget-conditioned policy given no budget runs at its manifest's default_budget, not at budget 1."""
     class BudgetNet(torch.nn.Module):  # refresh every block above budget 0.5, none below
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return 20.0 * (x[..., -1] - 0.5)
+            return 20.0 * (x[..., TEXT_SCHEMA.input_index("budget")] - 0.5)
 
     net = BudgetNet()
     path = export_onnx(net, tmp_path / "p.onnx", action_mode="binary", output="refresh_logit", n_layers=N_LAYERS,

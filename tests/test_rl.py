@@ -15,7 +15,14 @@ from helpers import compose_cfg, wandb_records
 from omegaconf import OmegaConf
 
 from cache_core.bench.tracking import LoggerConfig
-from cache_core.features import N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID, StepFeatures, policy_input
+from cache_core.features import (
+    N_BLOCK_FEATURES,
+    N_GLOBAL_FEATURES,
+    SCHEMA_ID,
+    TEXT_SCHEMA,
+    StepFeatures,
+    policy_input,
+)
 from cache_core.generate import generate
 from cache_core.learned import LearnedPolicy, read_manifest
 from envs.block_reuse_env import BlockReuseEnv
@@ -333,7 +340,7 @@ def test_warm_start_reproduces_the_supervised_predictor(tmp_path):
     obs = stack(env_observations("binary", n=16))
     x = policy_input(torch.as_tensor(obs["blocks"]), torch.as_tensor(obs["global"]))
     x1 = x.clone()
-    x1[..., -1] = 1.0  # the budget feature as the supervised data had it
+    x1[..., TEXT_SCHEMA.input_index("budget")] = 1.0  # the budget feature as the supervised data had it
     mask = torch.as_tensor(obs["block_mask"]).bool()
     free = mask & torch.as_tensor(obs["blocks"][..., 2] < 0.5)
     torch.manual_seed(0)
@@ -372,7 +379,7 @@ def test_warm_start_from_the_exported_predictor_weights(tmp_path, caplog):
 
     obs = stack(env_observations("binary", n=16))
     x = policy_input(torch.as_tensor(obs["blocks"]), torch.as_tensor(obs["global"]))
-    x[..., -1] = 1.0
+    x[..., TEXT_SCHEMA.input_index("budget")] = 1.0
     mask = torch.as_tensor(obs["block_mask"]).bool()
     free = mask & torch.as_tensor(obs["blocks"][..., 2] < 0.5)
     torch.manual_seed(1)

@@ -16,7 +16,7 @@ from helpers import compose_cfg, random_prompts, tiny_model
 from safetensors.torch import load_file, save_file
 
 from cache_core import CheckpointError, generate, load_model, make_policy
-from cache_core.features import BLOCK_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID
+from cache_core.features import BLOCK_FEATURE_NAMES, N_BLOCK_FEATURES, N_GLOBAL_FEATURES, SCHEMA_ID, TEXT_SCHEMA_V1
 from cache_core.learned import LearnedPolicy, PolicyFileError
 from envs.testing import save_tiny_checkpoint
 from policies.export import export_onnx
@@ -159,7 +159,7 @@ def test_shipped_manifests_record_no_machine_paths():
     for name in ("predictor", "rl_agent"):
         text = (REPO / "checkpoints" / "policies" / f"{name}.json").read_text()
         assert "/tmp/" not in text and "/work/" not in text and "/home/" not in text, name
-        assert json.loads(text)["schema_id"] == SCHEMA_ID
+        assert json.loads(text)["schema_id"] in (SCHEMA_ID, TEXT_SCHEMA_V1.id)  # short-regime files: v1
 
 
 # --- generate() and configs --------------------------------------------------------------------------------------
