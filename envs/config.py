@@ -30,6 +30,15 @@ BACKENDS = ("local", "ray")
 RANDOM_SCOPES = ("step", "episode")
 
 
+def apply_setting(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A decoding setting with `override` applied; a threshold entry decodes by confidence, so it drops the base's step
+    count unless it names one (env.decode_settings, evaluate.settings)."""
+    setting = {**base, **override}
+    if override.get("threshold") is not None and "steps" not in override:
+        setting["steps"] = None
+    return setting
+
+
 def parse_budget(budget: Any, key: str = "budget") -> tuple[float, float] | None:
     """None, a fixed FLOP-fraction budget, or a [low, high] range sampled per episode; each value in (0, 1]."""
     if budget is None:
@@ -163,9 +172,7 @@ class EnvConfig:
             if not isinstance(override, dict) or set(override) - set(SETTING_KEYS):
                 raise ValueError(f"env.decode_settings[{i}]={override!r}: each entry overrides some of "
                                  f"{list(SETTING_KEYS)}")
-            setting = {**base, **override}
-            if override.get("threshold") is not None and "steps" not in override:
-                setting["steps"] = None  # a threshold entry decodes by confidence: no step count unless it names one
+            setting = apply_setting(base, override)
             try:
                 validate_generation_args([[0]], setting["gen_length"], setting["block_length"], setting["steps"],
                                          setting["threshold"], self.temperature, self.remasking)

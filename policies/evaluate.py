@@ -41,7 +41,7 @@ from cache_core.cache import RefreshPlan
 from cache_core.features import TEXT_SCHEMA, FeatureSchema, StepFeatures, projectable
 from cache_core.learned import LearnedPolicy, policy_files, read_manifest
 from cache_core.policy import ReusePolicy, StepContext
-from envs.config import RayConfig
+from envs.config import RayConfig, apply_setting
 from policies.config import LearnedEntry, RootConfig
 
 log = logging.getLogger(__name__)
@@ -263,9 +263,7 @@ def run(cfg: RootConfig) -> dict[str, Any]:
     try:
         for setting in settings:
             name, held_out = setting.pop("name", None), bool(setting.pop("held_out", False))
-            gen = {**base, **setting}
-            if setting.get("threshold") is not None and "steps" not in setting:
-                gen["steps"] = None  # a threshold entry decodes by confidence
+            gen = apply_setting(base, setting)
             if e.settings:
                 name = name or setting_name(gen)
             if e.backend != "ray" and model is None:
